@@ -71,7 +71,7 @@ class Args:
 # (nets 32x2, alpha 0.01, gamma 0.9 for the point robot); the MuJoCo ``cpu`` recipe is sized to finish in
 # about 40 minutes on 2 CPU cores; the paper recipe (CORRO: 50 + 500x2 rollouts, 200 updates each) needs a GPU.
 _POINT = dict(algo="sac", hidden=32, layers=2, lr=3e-4, batch=256, tau=0.005, gamma=0.9, alpha=0.01,
-              init_episodes=10, iterations=100, episodes_per_iter=2, updates_per_iter=30)
+              init_episodes=10, iterations=100, episodes_per_iter=2, updates_per_iter=100)
 _MUJOCO = dict(algo="sac", hidden=128, layers=2, lr=3e-4, batch=256, tau=0.005, gamma=0.99, alpha=0.2,
                init_episodes=50, iterations=500, episodes_per_iter=2, updates_per_iter=200)
 RECIPES = {
@@ -208,6 +208,7 @@ def main(args: Args):
     out = Path(args.out) if args.out else default_dataset_path(env_id, preset, args.seed)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial.pt")
     R = recipe_for(env_id, preset)
     for k in ("iterations", "updates_per_iter"):

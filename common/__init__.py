@@ -1,0 +1,1 @@
+"""Thin helpers shared by the method scripts: task families, offline datasets, evaluation, run plumbing."""
