@@ -1,0 +1,30 @@
+"""The CPU-sized reference settings of the benchmark, one entry per (method, env_id).
+
+``benchmark/run.py --method M --env E`` looks up ``SETTINGS[(M, E)]`` and runs, per seed,
+
+    python M.py --env-id E --preset {preset} --seed S --run-dir ... --total-steps {steps} {args...}
+
+Each method's issue adds its entries here (reduced sizes that fit 2 CPU cores, not the paper's scale):
+    preset  the task preset of ``common/envs.py``
+    args    extra CLI flags of the method script (do not repeat --total-steps: it comes from ``steps``)
+    steps   gradient steps of the main phase (--total-steps)
+    note    one line: what was reduced and why, the expected wall time
+"""
+
+SETTINGS: dict[tuple[str, str], dict] = {
+    # Example (methods do not exist yet):
+    # ("pearl", "PointRobot"): {
+    #     "preset": "default",
+    #     "args": ["--eval-every", "500", "--net-size", "128"],
+    #     "steps": 10_000,
+    #     "note": "nets 3x128 instead of 3x300, ~15 min on 2 cores",
+    # },
+}
+
+# The (env_id, preset) pairs every method is benchmarked on.
+REFERENCE_ENVS: list[tuple[str, str]] = [
+    ("PointRobot", "default"),
+    ("SparsePointRobot", "default"),
+    ("GridNavi", "borel"),
+    ("HalfCheetahVel", "cpu"),
+]

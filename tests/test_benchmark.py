@@ -1,0 +1,142 @@
+"""benchmark/run.py with a fake method script; benchmark/report.py on hand-made runs."""
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from benchmark import report, run
+from common import runs
+
+# ---------------------------------------------------------------------------------------------
+# report.py
+# ---------------------------------------------------------------------------------------------
+
+README = "# omrl\n\nintro text\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\n## Tail\nkept\n"
+
+
+def fake_run(run_dir, method, seed, test, train, curve):
+    """A finished run: metrics.csv with a test curve for mode A (2 tasks) and summary.json."""
+    log = runs.Logger(run_dir, {"seed": seed}, tensorboard=False)
+    for step, r in curve:
+        log.log_eval(step, "A", "test", [8, 9], [r - 1.0, r + 1.0])  # mean over tasks = r
+    log.close()
+    runs.write_summary(run_dir, method=method, env_id="PointRobot", preset="default", seed=seed, total_steps=200,
+                       wall_time_s=60.0 * seed, updates_per_s=10.0 * seed, machine="test-box", dataset="d.npz",
+                       eval={"A": {"test": test, "train": train, "test_per_task": [test - 1, test + 1]}})
+
+
+@pytest.fixture
+def bench(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root / "a1", "alpha", 1, -5.0, -2.0, [(100, -9.0), (200, -5.0)])
+    fake_run(root / "a2", "alpha", 2, -7.0, -4.0, [(100, -11.0), (200, -7.0)])
+    fake_run(root / "b1", "beta", 1, 1.0, None, [(100, 0.0), (200, 1.0)])
+    fake_run(root / "b2", "beta", 2, 4.0, None, [(100, 2.0), (200, 4.0)])
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "PointRobot__default.json").write_text(json.dumps(
+        {"env_id": "PointRobot", "preset": "default", "test": {"random": -20.5, "oracle": -3.25, "behaviour": None},
+         "train": {"random": -21.0}}))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    return dict(root=root, refs=refs, readme=readme, out=tmp_path / "out")
+
+
+def test_report_table_csv_and_plot(bench):
+    argv = ["--run-root", str(bench["root"]), "--readme", str(bench["readme"]), "--out", str(bench["out"]),
+            "--references", str(bench["refs"])]
+    assert report.main(argv) == 0
+    text = bench["readme"].read_text()
+    head, rest = text.split("<!-- results:start -->")
+    table, tail = rest.split("<!-- results:end -->")
+    assert head == README.split("<!-- results:start -->")[0] and tail == README.split("<!-- results:end -->")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| PointRobot")]
+    assert rows == [
+        "| PointRobot | default | alpha | A | -6.00 ± 1.00 | -3.00 | 2 | 200 | 0:01:30 | 15.0 | test-box |",
+        "| PointRobot | default | beta | A | 2.50 ± 1.50 |  | 2 | 200 | 0:01:30 | 15.0 | test-box |",
+        "| PointRobot | default | random |  | -20.50 | -21.00 |  |  |  |  |  |",
+        "| PointRobot | default | oracle |  | -3.25 |  |  |  |  |  |  |",
+    ]
+    assert "old table" not in text
+    with open(bench["out"] / "results.csv") as f:
+        got = {(r["method"], r["mode"]): r for r in csv.DictReader(f)}
+    assert float(got["alpha", "A"]["test_mean"]) == -6.0 and float(got["alpha", "A"]["test_std"]) == 1.0
+    assert float(got["random", ""]["test_mean"]) == -20.5
+    assert report.return_curve(bench["root"] / "b2" / "metrics.csv", "A") == {100: 2.0, 200: 4.0}
+    assert (bench["out"] / "plots" / "PointRobot__default.png").stat().st_size > 1000
+
+    # A second report replaces the table instead of adding one.
+    assert report.main(argv) == 0
+    assert bench["readme"].read_text() == text
+
+
+def test_report_needs_markers(bench):
+    bench["readme"].write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="results:start"):
+        report.main(["--run-root", str(bench["root"]), "--readme", str(bench["readme"]), "--out", str(bench["out"]),
+                     "--references", str(bench["refs"])])
+    assert bench["readme"].read_text() == "# no markers\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py
+# ---------------------------------------------------------------------------------------------
+
+FAKE_METHOD = """
+import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+run_dir = Path(argv[argv.index("--run-dir") + 1])
+run_dir.mkdir(parents=True, exist_ok=True)
+with open(run_dir.parent / "calls.txt", "a") as f:
+    f.write(json.dumps(argv) + "\\n")
+print("fake training", argv[argv.index("--seed") + 1])
+if "--fail" in argv:
+    sys.exit(3)
+(run_dir / "summary.json").write_text("{}")
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    (tmp_path / "fakemethod.py").write_text(FAKE_METHOD)
+    return tmp_path
+
+
+def calls(root):
+    path = root / "calls.txt"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_run_each_seed_once_with_flags_then_skip(fake, capsys):
+    root = fake / "bench"
+    argv = ["--method", "fakemethod", "--env", "PointRobot", "--seeds", "1", "2", "--run-root", str(root),
+            "--script-dir", str(fake), "--preset", "default", "--args", "--total-steps 5 --eval-every 2",
+            "--extra", "--bf16"]
+    assert run.main(argv) == 0
+    assert calls(root) == [
+        ["--env-id", "PointRobot", "--preset", "default", "--seed", str(s), "--run-dir", str(root / f"PointRobot__fakemethod__s{s}"),
+         "--total-steps", "5", "--eval-every", "2", "--bf16"] for s in (1, 2)]
+    assert "fake training 2" in (root / "PointRobot__fakemethod__s2.log").read_text()
+    assert "fake training 1" in capsys.readouterr().out
+
+    assert run.main(argv) == 0  # both finished: nothing runs again
+    assert len(calls(root)) == 2
+    assert capsys.readouterr().out.count("summary.json exists, skipped") == 2
+
+
+def test_run_uses_settings_resumes_and_fails(fake, monkeypatch):
+    root = fake / "bench"
+    monkeypatch.setattr(run, "SETTINGS", {("fakemethod", "GridNavi"): {
+        "preset": "borel", "args": ["--fail"], "steps": 300, "note": "test"}})
+    base = ["--method", "fakemethod", "--seeds", "4", "--run-root", str(root), "--script-dir", str(fake)]
+    with pytest.raises(SystemExit, match="available: fakemethod/GridNavi"):
+        run.main(base + ["--env", "PointRobot"])
+    (root / "GridNavi__fakemethod__s4").mkdir(parents=True)
+    (root / "GridNavi__fakemethod__s4" / "checkpoint.pt").write_bytes(b"x")  # an interrupted run
+    assert run.main(base + ["--env", "GridNavi", "--seeds", "4", "5"]) == 3  # stops at the first failure
+    assert calls(root) == [["--env-id", "GridNavi", "--preset", "borel", "--seed", "4", "--run-dir",
+                            str(root / "GridNavi__fakemethod__s4"), "--total-steps", "300", "--fail", "--resume"]]
