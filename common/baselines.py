@@ -107,7 +107,7 @@ def numpy_references(fam, episodes=5, seed=0):
             if fam.env_id in ("SparsePointRobot", "GridNavi"):
                 r[f"{name}_success"] = float(succ.mean())
         out[split] = r
-    out["task_agnostic_policy"] = f"go to {best.tolist()} and stay"
+    out["task_agnostic_policy"] = f"go to {np.round(best, 2).tolist()} and stay"
     return out
 
 

@@ -39,6 +39,7 @@ import tyro
 
 from common.data import default_dataset_path, library_versions, save_dataset
 from common.envs import canonical_env_id, default_preset, make_family
+from common.runs import machine_info
 
 
 @dataclasses.dataclass
@@ -407,7 +408,7 @@ def main(args: Args):
                 action_space="discrete" if discrete else "box", horizon=H, episodes_per_task=fam.episodes_per_task,
                 allow_overlap=fam.allow_overlap, seed=args.seed, task_defaults=fam.task_defaults,
                 collector=dict(R, steps_per_task=int(fill_np.mean()), updates=state["updates"], wall_time_s=wall,
-                               device=str(device), final_returns=final.tolist()),
+                               device=str(device), machine=machine_info(device), final_returns=final.tolist()),
                 versions=library_versions(), created=datetime.datetime.now().isoformat(timespec="seconds"))
     save_dataset(out, arrays, meta, overwrite=args.overwrite)
     torch.save(dict(recipe=R, env_id=env_id, preset=preset, obs_in=obs_in,
