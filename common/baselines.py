@@ -113,7 +113,7 @@ def numpy_references(fam, episodes=5, seed=0):
 
 def mujoco_references(fam, policies_path, episodes=2, seed=0):
     """Random, best single collector policy (task-agnostic) and each task's own policy (oracle)."""
-    from common.collect import TanhGaussianActor
+    from common.collect import TanhGaussianActor, learner_features
 
     if not Path(policies_path).exists():
         raise FileNotFoundError(f"{policies_path} not found: the MuJoCo task-agnostic/oracle references need the "
@@ -122,6 +122,7 @@ def mujoco_references(fam, policies_path, episodes=2, seed=0):
     R, T = ck["recipe"], len(fam.tasks)
     actor = TanhGaussianActor(T, ck["obs_in"], fam.act_dim, R["hidden"], R["layers"])
     actor.load_state_dict(ck["modules"]["actor"])
+    feat = learner_features(fam, R)[0]
 
     @torch.no_grad()
     def cross_returns(eval_idx):
@@ -130,7 +131,7 @@ def mujoco_references(fam, policies_path, episodes=2, seed=0):
         venv = fam.make_vec_env(eval_idx, T, seed=seed)
 
         def act(obs, ep, t):  # env b = e * T + p runs policy p: feed member p the obs of all its envs
-            o = torch.as_tensor(obs).reshape(E, T, -1).transpose(0, 1)
+            o = feat(torch.as_tensor(obs).reshape(E, T, -1).transpose(0, 1))
             return actor(o, deterministic=True)[0].transpose(0, 1).reshape(E * T, -1).numpy()
 
         return np.mean([run_episodes(venv, act, 1)[0][:, 0].reshape(E, T) for _ in range(episodes)], axis=0)

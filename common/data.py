@@ -9,7 +9,7 @@ One uncompressed ``.npz`` per (family, preset, collector seed), default ``datase
     terminals          bool [N]                true MDP terminations only, never the horizon
     timeouts           bool [N]                the episode was cut by the horizon after this step
     task_id            int32 [N]               index into tasks
-    episode_id, step   int32 [N]               global episode index, step within the episode
+    episode_id, step   int32 [N]               episode index (unique within a task), step within the episode
     collect_step       int64 [N]               collector updates done when the transition was generated
     policy_return      float32 [N]             return of the transition's episode
     tasks              float32 [T, task_dim]
