@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.data import default_dataset_path, library_versions, save_dataset
-from common.envs import canonical_env_id, default_preset, make_family
+from common.envs import SPARSE_FAMILIES, canonical_env_id, default_preset, make_family
 from common.runs import machine_info
 
 
@@ -74,7 +74,7 @@ class Args:
 # well under 45 minutes on 2 CPU cores; the paper recipe (CORRO: 50 + 500x2 rollouts, 200 updates each, the
 # default for the other MuJoCo families) needs a GPU: ``python -m common.collect --env-id ... --cuda``.
 _POINT = dict(algo="sac", hidden=32, layers=2, lr=3e-4, batch=256, tau=0.005, gamma=0.9, alpha=0.01,
-              init_episodes=10, iterations=100, episodes_per_iter=2, updates_per_iter=100)
+              init_episodes=10, iterations=100, episodes_per_iter=2, updates_per_iter=100, cpu_sized=True)
 _MUJOCO = dict(algo="sac", hidden=128, layers=2, lr=3e-4, batch=256, tau=0.005, gamma=0.99, alpha=0.2,
                init_episodes=50, iterations=500, episodes_per_iter=2, updates_per_iter=200)
 RECIPES = {
@@ -84,12 +84,12 @@ RECIPES = {
     "PointRobotWind": _POINT,
     "GridNavi": dict(algo="dqn", hidden=32, layers=2, lr=1e-3, batch=128, tau=0.01, gamma=0.9,
                      eps_start=1.0, eps_end=0.05, init_episodes=10, iterations=100, episodes_per_iter=5,
-                     updates_per_iter=20),
+                     updates_per_iter=20, cpu_sized=True),
     # CPU-sized cheetah-vel: smaller nets, lr 1e-3 and a tuned per-task alpha learn in ~30k updates where the
     # BOReL/CORRO recipe (128x2, lr 3e-4, alpha 0.2) is still standing still after 12k; the learner does not
     # see the unbounded torso x (obs entry 17), which the dataset keeps.
     ("HalfCheetahVel", "cpu"): dict(_MUJOCO, hidden=64, lr=1e-3, alpha="auto", drop_obs=[17], init_episodes=10,
-                                    iterations=150, episodes_per_iter=1, updates_per_iter=200),
+                                    iterations=150, episodes_per_iter=1, updates_per_iter=200, cpu_sized=True),
 }
 
 
@@ -250,7 +250,7 @@ def main(args: Args):
     cap = n_episodes * H
     discrete = fam.discrete
     feat, obs_in = learner_features(fam, R, device)
-    sparse = env_id in ("SparsePointRobot", "AntSemicircle")
+    sparse = env_id in SPARSE_FAMILIES
 
     # ALGO LOGIC: per-task learners as batched networks
     if R["algo"] == "sac":
@@ -295,9 +295,13 @@ def main(args: Args):
                              f"delete it or use the same flags")
         for k, m in modules.items():
             m.load_state_dict(ck["modules"][k])
-        buf, fill, state = ck["buf"], ck["fill"], ck["state"]
-        gen.set_state(ck["gen"].cpu() if device.type == "cpu" else ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
+        fill, state = ck["fill"], ck["state"]
+        for k, v in ck["buf"].items():  # the partial holds only the rows filled so far
+            buf[k][:, : v.shape[1]] = v
+        gen.set_state(ck["gen"].cpu())  # RNG states must be CPU byte tensors whatever map_location did
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        if ck.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu())
         venv.rng.set_state(ck["env_rng"])
         np.random.set_state(ck["np_rng"])
         print(f"resuming {partial}: iteration {state['iteration']}/{R['iterations']}, {state['updates']} updates")
@@ -305,8 +309,10 @@ def main(args: Args):
     def save_partial():
         tmp = partial.with_name(partial.name + ".tmp")
         torch.save(dict(key=dict(env_id=env_id, preset=preset, seed=args.seed, recipe=R),
-                        modules={k: m.state_dict() for k, m in modules.items()}, buf=buf, fill=fill, state=state,
+                        modules={k: m.state_dict() for k, m in modules.items()},
+                        buf={k: v[:, : int(fill.max())] for k, v in buf.items()}, fill=fill, state=state,
                         gen=gen.get_state(), torch_rng=torch.get_rng_state(), env_rng=venv.rng.get_state(),
+                        cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                         np_rng=np.random.get_state()), tmp)
         os.replace(tmp, partial)
 
@@ -366,14 +372,15 @@ def main(args: Args):
         state["episodes"] += 1
 
     def sample_batch(bs):
-        idx = (torch.rand(T, bs, device=device, generator=gen) * fill[:, None]).long()
+        # float64: a float32 uniform has 24 bits, too few to index large buffers evenly
+        idx = (torch.rand(T, bs, device=device, generator=gen, dtype=torch.float64) * fill[:, None]).long()
         g = lambda x: torch.gather(x, 1, idx if x.dim() == 2 else idx[..., None].expand(-1, -1, x.shape[-1]))
         b = {"obs": feat(g(buf["obs"])), "next_obs": feat(g(buf["next_obs"])), "actions": g(buf["actions"]),
              "rewards": g(buf["rewards_dense"] if sparse else buf["rewards"]), "terminals": g(buf["terminals"])}
         return b
 
-    start = time.time() - state["elapsed"]
-    last_ckpt = time.time()
+    start = time.time() - state["elapsed"]  # wall time over all chunks
+    chunk_start = last_ckpt = time.time()
     if state["episodes"] == 0:
         for _ in range(R["init_episodes"]):
             run_episode(random=True)
@@ -405,7 +412,8 @@ def main(args: Args):
         if time.time() - last_ckpt > args.checkpoint_every_s:
             save_partial()
             last_ckpt = time.time()
-        if args.stop_after_s is not None and time.time() - start > args.stop_after_s and state["iteration"] < R["iterations"]:
+        if args.stop_after_s is not None and time.time() - chunk_start > args.stop_after_s \
+                and state["iteration"] < R["iterations"]:
             save_partial()
             print(f"stopped after {args.stop_after_s}s; run the same command again to resume")
             return None

@@ -135,10 +135,10 @@ def _fail(path, msg):
 
 def load_dataset(path, env_id: str, preset: str | None = None, family=None, quality: str = "mixed",
                  check_sha: bool = True) -> Dataset:
-    """Load and validate a dataset for ``env_id``/``preset``. ``family`` (a ``common.envs.Family``) adds the
-    checks against a freshly built env: obs/act dims, the task list and the split. ``quality`` cuts a
-    slice of each task's episodes at load time (see ``quality_mask``)."""
-    from common.envs import canonical_env_id
+    """Load and validate a dataset for ``env_id``/``preset``, against ``family`` (a ``common.envs.Family``;
+    built from the file's preset when not given): obs/act dims, the task list and the split must match a
+    freshly built env. ``quality`` cuts a slice of each task's episodes at load time (see ``quality_mask``)."""
+    from common.envs import SPARSE_FAMILIES, canonical_env_id, make_family
 
     env_id = canonical_env_id(env_id)
     path = Path(path)
@@ -157,9 +157,19 @@ def load_dataset(path, env_id: str, preset: str | None = None, family=None, qual
         _fail(path, f"dataset built for {meta.get('env_id')}, this run asks for {env_id}")
     if preset is not None and meta.get("preset") != preset:
         _fail(path, f"dataset built for preset {meta.get('preset')!r}, this run asks for {preset!r}")
+    missing_meta = [k for k in ("preset", "obs_dim", "act_dim", "horizon", "sha256") if k not in meta]
+    if missing_meta:
+        _fail(path, f"metadata lacks {missing_meta}")
+    if family is None:
+        try:
+            family = make_family(env_id, meta["preset"])
+        except ValueError as e:
+            _fail(path, str(e))
 
     # Keys, dtypes, lengths.
     missing = [k for k, (_, req) in _PER_TRANSITION.items() if req and k not in arrays]
+    if env_id in SPARSE_FAMILIES and "rewards_dense" not in arrays:
+        missing.append("rewards_dense")  # sparse families need the dense reward for relabelling
     missing += [k for k in _PER_DATASET if k not in arrays]
     if missing:
         _fail(path, f"missing arrays {missing}")
@@ -181,15 +191,14 @@ def load_dataset(path, env_id: str, preset: str | None = None, family=None, qual
     obs_dim, act_dim = meta["obs_dim"], meta["act_dim"]
     if arrays["obs"].shape != (n, obs_dim) or arrays["next_obs"].shape != (n, obs_dim):
         _fail(path, f"obs arrays have shape {arrays['obs'].shape}, meta says obs_dim {obs_dim}")
-    if family is not None:
-        if family.obs_dim != obs_dim or family.act_dim != act_dim or family.n_actions != meta.get("n_actions", 0):
-            _fail(path, f"dataset built for {env_id} obs {obs_dim} act {act_dim}, "
-                        f"env has obs {family.obs_dim} act {family.act_dim or family.n_actions}")
-        if arrays["tasks"].shape != family.tasks.shape or not np.allclose(arrays["tasks"], family.tasks, atol=1e-6):
-            _fail(path, f"dataset built for another task set than {env_id}/{family.preset}")
-        if not (np.array_equal(arrays["train_tasks"], family.train_idx)
-                and np.array_equal(arrays["test_tasks"], family.test_idx)):
-            _fail(path, f"dataset built with another train/test split than {env_id}/{family.preset}")
+    if family.obs_dim != obs_dim or family.act_dim != act_dim or family.n_actions != meta.get("n_actions", 0):
+        _fail(path, f"dataset built for {env_id} obs {obs_dim} act {act_dim}, "
+                    f"env has obs {family.obs_dim} act {family.act_dim or family.n_actions}")
+    if arrays["tasks"].shape != family.tasks.shape or not np.allclose(arrays["tasks"], family.tasks, atol=1e-6):
+        _fail(path, f"dataset built for another task set than {env_id}/{family.preset}")
+    if not (np.array_equal(arrays["train_tasks"], family.train_idx)
+            and np.array_equal(arrays["test_tasks"], family.test_idx)):
+        _fail(path, f"dataset built with another train/test split than {env_id}/{family.preset}")
     if meta.get("n_actions", 0):
         if arrays["actions"].dtype != np.int64 or arrays["actions"].shape != (n,):
             _fail(path, "discrete actions must be int64 [N]")
@@ -210,7 +219,7 @@ def load_dataset(path, env_id: str, preset: str | None = None, family=None, qual
         a = arrays[k]
         if len(a) and (a.min() < 0 or a.max() >= T):
             _fail(path, f"{k} out of range [0, {T})")
-    if np.intersect1d(arrays["train_tasks"], arrays["test_tasks"]).size and not meta.get("allow_overlap", False):
+    if np.intersect1d(arrays["train_tasks"], arrays["test_tasks"]).size and not family.allow_overlap:
         _fail(path, "train and test tasks overlap")
     ptr = arrays["task_ptr"]
     if len(ptr) != T + 1 or ptr[0] != 0 or ptr[-1] != n or np.any(np.diff(ptr) < 0) or \
@@ -223,8 +232,14 @@ def load_dataset(path, env_id: str, preset: str | None = None, family=None, qual
     if not np.array_equal(arrays["next_obs"][:-1][same_ep], arrays["obs"][1:][same_ep]):
         _fail(path, "next_obs[i] != obs[i+1] inside an episode")
     ends = np.append(~same_ep, True)  # last row of every episode
-    if np.any((arrays["terminals"] | arrays["timeouts"]) & ~ends):
+    done = arrays["terminals"] | arrays["timeouts"]
+    if np.any(done & ~ends):
         _fail(path, "an episode continues after a terminal/timeout")
+    if n and not done[ends].all():
+        _fail(path, "an episode ends without a terminal or timeout (truncated episode)")
+    H = meta["horizon"]
+    if n and (st.max() >= H or np.any(arrays["timeouts"] != (st == H - 1) & ~arrays["terminals"])):
+        _fail(path, f"timeouts must flag exactly the non-terminal steps H-1 = {H - 1} (and no step may exceed it)")
 
     ds = Dataset(path=path, meta=meta, arrays={k: arrays[k] for k in _PER_TRANSITION if k in arrays},
                  tasks=arrays["tasks"], train_tasks=arrays["train_tasks"].astype(np.int64),
@@ -270,7 +285,8 @@ def slice_quality(ds: Dataset, quality: str) -> Dataset:
 
 def ensure_dataset(env_id: str, preset: str, seed: int = 0, path=None, family=None, quality="mixed") -> Dataset:
     """Load the dataset at ``path`` (default path if None). If the *default* dataset is missing, build it
-    with the default collector recipe first, saying so. An explicit missing path is an error."""
+    with the default collector recipe first, saying so (on the GPU when there is one; recipes that need a
+    GPU are not started on a CPU: the error gives the command instead). An explicit missing path is an error."""
     from common.envs import canonical_env_id
 
     env_id = canonical_env_id(env_id)
@@ -279,8 +295,12 @@ def ensure_dataset(env_id: str, preset: str, seed: int = 0, path=None, family=No
         if not Path(path).exists():
             from common import collect
 
+            cuda = torch.cuda.is_available()
+            if not cuda and not collect.recipe_for(env_id, preset).get("cpu_sized"):
+                raise FileNotFoundError(f"dataset {path} not found and its collector recipe needs a GPU (hours on a "
+                                        f"CPU); build it with: {collect_command(env_id, preset, seed)} --cuda")
             print(f"dataset {path} not found: building it now with `{collect_command(env_id, preset, seed)}`")
-            collect.main(collect.Args(env_id=env_id, preset=preset, seed=seed, out=str(path)))
+            collect.main(collect.Args(env_id=env_id, preset=preset, seed=seed, out=str(path), cuda=cuda))
     return load_dataset(path, env_id, preset, family=family, quality=quality)
 
 
@@ -314,7 +334,8 @@ class TaskBatchSampler:
             self.data[k] = torch.as_tensor(a, dtype=dtype, device=self.device)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
-        u = torch.rand(len(self.task_ids), batch_size, device=self.device, generator=generator)
+        # float64: a float32 uniform has 24 bits, too few to index large tasks evenly
+        u = torch.rand(len(self.task_ids), batch_size, device=self.device, generator=generator, dtype=torch.float64)
         idx = (u * self.counts[:, None]).long()  # (tasks, batch), uniform over each task's own rows
         return {k: _gather_rows(v, idx) for k, v in self.data.items()}
 

@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from common.collect import BatchedLinear, TanhGaussianActor, TwinQ, batched_mlp, learner_features, sac_update
@@ -72,10 +73,14 @@ def test_auto_alpha_moves_toward_the_target_entropy():
 
 
 def test_learner_features_drop_the_cheetah_x_position():
+    pytest.importorskip("mujoco")
     fam = make_family("HalfCheetahVel", "cpu")
     feat, n = learner_features(fam, {"drop_obs": [17]})
     obs = torch.arange(20.0).expand(2, 3, 20)
     assert n == 19 and feat(obs).shape == (2, 3, 19) and 17.0 not in feat(obs)[0, 0]
+
+
+def test_learner_features_one_hot_grid_and_identity():
     grid = make_family("GridNavi", "borel")
     feat, n = learner_features(grid, {})
     one_hot = feat(torch.tensor([[[2.0, 3.0]]]))

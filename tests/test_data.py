@@ -213,7 +213,65 @@ def test_collector_resumes_from_a_partial_checkpoint(tmp_path):
     a, b = load_dataset(full, "PointRobotWind"), load_dataset(part, "PointRobotWind")
     for k in ("obs", "actions", "rewards", "collect_step"):
         assert np.array_equal(a[k], b[k]), k  # same seed: the resumed run equals the uninterrupted one
+    collect.main(collect.Args(env_id="PointRobotWind", out=str(tmp_path / "x.npz"), iterations=4,
+                              updates_per_iter=3, stop_after_s=0.0))
     with pytest.raises(ValueError, match="another collector configuration"):
-        collect.main(collect.Args(env_id="PointRobotWind", out=str(tmp_path / "x.npz"), iterations=4,
-                                  updates_per_iter=3, stop_after_s=0.0))
         collect.main(collect.Args(env_id="PointRobotWind", out=str(tmp_path / "x.npz"), iterations=5))
+
+
+def test_each_resumed_chunk_gets_its_own_time_budget(tmp_path):
+    out = tmp_path / "chunks.npz"
+    kw = dict(env_id="PointRobotWind", out=str(out), iterations=5, updates_per_iter=2)
+    assert collect.main(collect.Args(**kw, stop_after_s=0.0)) is None
+    partial = out.with_name(out.name + ".partial.pt")
+    ck = torch.load(partial, weights_only=False)
+    assert ck["state"]["iteration"] == 1
+    ck["state"]["elapsed"] = 1e4  # earlier chunks took long: the new chunk's budget must not count them
+    torch.save(ck, partial)
+    assert collect.main(collect.Args(**kw, stop_after_s=600.0)) == out
+    assert load_dataset(out, "PointRobotWind").meta["collector"]["updates"] == 10
+
+
+def _drop_rows(arrays, drop):
+    keep = np.ones(len(arrays["rewards"]), bool)
+    keep[drop] = False
+    out = {k: (v[keep] if v.shape[:1] == keep.shape else v) for k, v in arrays.items()}
+    counts = np.bincount(out["task_id"], minlength=len(arrays["tasks"]))
+    out["task_ptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return out
+
+
+def test_early_terminations_load_but_cut_episodes_do_not(tiny, tmp_path):
+    arrays, meta = _arrays(tiny)
+    term = arrays["terminals"].copy()
+    term[5] = True  # task 0, episode 0 ends at step 5 (a MuJoCo-style termination)
+    timeouts = arrays["timeouts"].copy()
+    p = tmp_path / "term.npz"
+    _resave(p, _drop_rows(dict(arrays, terminals=term, timeouts=timeouts), np.arange(6, 20)), meta)
+    ds = load_dataset(p, "PointRobot")
+    assert ds.task_ptr[1] == arrays["task_ptr"][1] - 14
+    c = sample_context(ds, [0], "trajectory", seed=0)
+    assert c["mask"].shape[1] == 20  # other episodes of task 0 are full length; padding is masked when short
+    p2 = tmp_path / "cut.npz"
+    _resave(p2, _drop_rows(arrays, np.arange(6, 20)), meta)  # no terminal, no timeout: a truncated file
+    with pytest.raises(DatasetError, match="ends without a terminal or timeout"):
+        load_dataset(p2, "PointRobot")
+    p3 = tmp_path / "timeout.npz"
+    timeouts[3] = True
+    _resave(p3, dict(arrays, timeouts=timeouts), meta)
+    with pytest.raises(DatasetError, match="continues after a terminal/timeout"):
+        load_dataset(p3, "PointRobot")
+
+
+def test_sparse_datasets_must_keep_the_dense_reward(tmp_path):
+    path = tmp_path / "sparse.npz"
+    collect.main(collect.Args(env_id="SparsePointRobot", out=str(path), iterations=1, updates_per_iter=1))
+    ds = load_dataset(path, "SparsePointRobot")
+    goal = ds.tasks[ds["task_id"]]
+    assert np.allclose(ds["rewards_dense"], -np.linalg.norm(ds["next_obs"] - goal, axis=1), atol=1e-5)
+    arrays, meta = _arrays(path)
+    del arrays["rewards_dense"]
+    p2 = tmp_path / "nodense.npz"
+    _resave(p2, arrays, meta)
+    with pytest.raises(DatasetError, match="rewards_dense"):
+        load_dataset(p2, "SparsePointRobot")
