@@ -51,7 +51,7 @@ def main(argv=None):
         r = json.loads(f.read_text())
         refs[(r["env_id"], r["preset"])] = r
 
-    rows = ["| dataset | tasks (train/test) | transitions | updates per task | wall time | machine | final per-task return, train / test tasks (min) | oracle (test) | task-agnostic (test) |",
+    rows = ["| dataset | tasks (train/test) | transitions | updates per task | wall time | device | final per-task return, train / test tasks (min) | oracle (test) | task-agnostic (test) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(Path(args.datasets).glob("*__s*.npz")):
         m = dataset_meta(path)
@@ -60,7 +60,7 @@ def main(argv=None):
         ref = refs.get((m["env_id"], m["preset"]), {}).get("test", {})
         fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
         rows.append(f"| `{path.name}` | {len(m['_train'])}/{len(m['_test'])} | {m['_n']:,} | {c['updates']:,} "
-                    f"({c['algo'].upper()}) | {c['wall_time_s'] / 60:.1f} min | {c.get('machine', c['device'])} | "
+                    f"({c['algo'].upper()}) | {c['wall_time_s'] / 60:.1f} min | {c['device']} | "
                     f"{final[m['_train']].mean():.2f} / {final[m['_test']].mean():.2f} ({final.min():.2f}) | "
                     f"{fmt(ref.get('oracle'))} | {fmt(ref.get('task_agnostic'))} |")
         _plot(path, m, refs.get((m["env_id"], m["preset"])), Path(args.plots))

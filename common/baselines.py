@@ -107,7 +107,7 @@ def numpy_references(fam, episodes=5, seed=0):
             if fam.env_id in ("SparsePointRobot", "GridNavi"):
                 r[f"{name}_success"] = float(succ.mean())
         out[split] = r
-    out["task_agnostic_policy"] = f"go to {np.round(best, 2).tolist()} and stay"
+    out["task_agnostic_policy"] = f"go to {[round(float(x), 2) for x in best]} and stay"
     return out
 
 
@@ -138,7 +138,7 @@ def mujoco_references(fam, policies_path, episodes=2, seed=0):
 
     train_cross = cross_returns(fam.train_idx)
     best = int(fam.train_idx[train_cross[:, fam.train_idx].mean(axis=0).argmax()])
-    out = {"task_agnostic_policy": f"collector policy of task {best} ({fam.tasks[best].tolist()})"}
+    out = {"task_agnostic_policy": f"collector policy of task {best} ({[round(float(x), 3) for x in fam.tasks[best]]})"}
     for split, idx in (("test", fam.test_idx), ("train", fam.train_idx)):
         cross = cross_returns(idx) if split == "test" else train_cross
         venv = fam.make_vec_env(idx, episodes, seed=seed)
