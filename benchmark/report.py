@@ -123,7 +123,7 @@ def markdown_table(rows) -> str:
         cells = [r["env"], r["preset"], r["method"], r["mode"], test, f(r["train_mean"]), f(r["seeds"], "{}"),
                  r["steps"], "" if r["wall_time_s"] is None else _hms(r["wall_time_s"]),
                  f(r["updates_per_s"], "{:.1f}"), r["machine"]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(str(c).replace(" | ", ", ") for c in cells) + " |")  # keep the table intact
     return "\n".join(lines)
 
 

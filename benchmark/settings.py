@@ -12,6 +12,13 @@ Each method's issue adds its entries here (reduced sizes that fit 2 CPU cores, n
 """
 
 SETTINGS: dict[tuple[str, str], dict] = {
+    ("pearl", "PointRobot"): {
+        "preset": "default",
+        "args": ["--eval-every", "1000", "--net-size", "128", "--encoder-size", "128", "--bf16", "--no-cuda"],
+        "steps": 10_000,
+        "note": "offline PEARL, nets 3x128 and encoder 3x128 (paper 300/200), bf16 autocast, 10k of the paper's "
+                "500k steps; run with OMP_NUM_THREADS=1 (CPU shared); ~10 min per seed",
+    },
     # Example (methods do not exist yet):
     # ("pearl", "PointRobot"): {
     #     "preset": "default",

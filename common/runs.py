@@ -241,13 +241,13 @@ def _cpu_name() -> str:
 
 def machine_info(device) -> str:
     """One line naming the machine a result came from, e.g.
-    ``Linux-6.8-x86_64 | AMD EPYC | 2 CPUs | torch 2.13.0 | cpu``."""
+    ``Linux-6.8-x86_64, AMD EPYC, 2 CPUs, torch 2.13.0, cpu`` (no "|": it goes into markdown tables)."""
     device = torch.device(device)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     dev = str(device)
     if device.type == "cuda" and torch.cuda.is_available():
         dev += f" ({torch.cuda.get_device_name(device)})"
-    return f"{platform.platform(terse=True)} | {_cpu_name()} | {cpus} CPUs | torch {torch.__version__} | {dev}"
+    return f"{platform.platform(terse=True)}, {_cpu_name()}, {cpus} CPUs, torch {torch.__version__}, {dev}"
 
 
 def eval_entry(test_returns, train_returns=None) -> dict:

@@ -83,7 +83,7 @@ def test_summary_round_trip(tmp_path, monkeypatch):
         method="pearl", env_id="PointRobot", preset="default", seed=1, total_steps=500, wall_time_s=12.5,
         updates_per_s=40.0, command="pearl.py --seed 1", dataset="datasets/x.npz", extra={"bf16": True})
     assert s["eval"] == {"A": entry, "B": {"test": 0.5, "train": None, "test_per_task": [0.5]}}
-    assert s["machine"] == machine and f"{len(os.sched_getaffinity(0))} CPUs" in machine and machine.endswith("| cpu")
+    assert s["machine"] == machine and f"{len(os.sched_getaffinity(0))} CPUs" in machine and machine.endswith(", cpu")
     with pytest.raises(ValueError, match="eval_entry"):
         runs.write_summary(tmp_path, method="m", env_id="e", preset="p", seed=0, total_steps=1, wall_time_s=1,
                            updates_per_s=1, machine="", dataset="", eval={"A": {"test": 1.0}})
