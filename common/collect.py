@@ -73,7 +73,7 @@ class Args:
 # (nets 32x2, alpha 0.01, gamma 0.9 for the point robot); the MuJoCo ``cpu`` recipe is sized to finish in
 # well under 45 minutes on 2 CPU cores; the paper recipe (CORRO: 50 + 500x2 rollouts, 200 updates each, the
 # default for the other MuJoCo families) needs a GPU: ``python -m common.collect --env-id ... --cuda``.
-_POINT = dict(algo="sac", hidden=32, layers=2, lr=3e-4, batch=256, tau=0.005, gamma=0.9, alpha=0.01,
+_POINT = dict(algo="sac", hidden=32, layers=2, lr=3e-4, batch=128, tau=0.005, gamma=0.9, alpha=0.01,
               init_episodes=10, iterations=100, episodes_per_iter=2, updates_per_iter=100, cpu_sized=True)
 _MUJOCO = dict(algo="sac", hidden=128, layers=2, lr=3e-4, batch=256, tau=0.005, gamma=0.99, alpha=0.2,
                init_episodes=50, iterations=500, episodes_per_iter=2, updates_per_iter=200)
