@@ -1,7 +1,7 @@
 """Offline dataset collector: one learner per task, all tasks trained at once.
 
     python -m common.collect --env-id PointRobot                      # -> datasets/PointRobot__default__s0.npz
-    python -m common.collect --env-id HalfCheetahVel --preset cpu     # CPU-sized MuJoCo recipe (~40 min, 2 cores)
+    python -m common.collect --env-id HalfCheetahVel --preset cpu     # CPU-sized MuJoCo recipe (~20 min, 2 cores)
 
 Continuous families use SAC (twin Q, tanh-Gaussian actor, entropy weight alpha fixed as in the papers' data
 scripts, or tuned per task toward entropy -act_dim where a recipe says ``alpha="auto"``), discrete ones
