@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import pearl
-from common.data import TaskBatchSampler, load_dataset
+from common.data import TaskBatchSampler, ensure_dataset
 from common.envs import make_family
 
-DATASET = "datasets/PointRobot__default__s0.npz"
 
 
 def tiny_args(**kw):
@@ -199,7 +198,7 @@ def test_encoder_gradient_comes_from_q_loss_without_kl():
 
 def test_sample_rows_and_context_shapes():
     fam = make_family("PointRobot")
-    ds = load_dataset(DATASET, "PointRobot", "default")
+    ds = ensure_dataset("PointRobot", "default")  # the shared default dataset, built (~3 min) if missing
     src = TaskBatchSampler(ds, fam.train_idx, "cpu")
     tasks = torch.tensor([3, 3, 7])
     b = pearl.sample_rows(src.data, src.counts, tasks, 11, torch.Generator().manual_seed(0))
@@ -259,7 +258,7 @@ def test_short_offline_run_learns_task_inference_on_point_robot():
     args = tiny_args(net_size=64, encoder_size=64, meta_batch=8, batch_size=128, context_size=64,
                      eval_context_draws=1)
     fam = make_family("PointRobot")
-    ds = load_dataset(DATASET, "PointRobot", "default")
+    ds = ensure_dataset("PointRobot", "default")  # the shared default dataset, built (~3 min) if missing
     src = TaskBatchSampler(ds, fam.train_idx, "cpu")
     nets, opts = pearl.make_nets(2, 2, args, "cpu")
     before = pearl.eval_mode_a(nets, ds, fam, fam.test_idx, args, "cpu", 123)[0].mean()
