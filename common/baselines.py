@@ -30,6 +30,7 @@ import tyro
 from common.data import default_dataset_path, load_dataset
 from common.envs import canonical_env_id, default_preset, make_family
 from common.evaluation import per_task_mean, run_episodes
+from common.runs import atomic_write_text
 
 
 @dataclasses.dataclass
@@ -67,10 +68,10 @@ def goto_policy(fam, targets, wind=None):
     return lambda obs, ep, t: np.clip((targets - obs - w) / 0.1, -1.0, 1.0).astype(np.float32)
 
 
-def _mean_return(fam, task_idx, make_act, episodes, seed, n_per_task=1):
-    venv = fam.make_vec_env(task_idx, n_per_task * episodes, seed=seed)
+def _mean_return(fam, task_idx, make_act, episodes, seed):
+    venv = fam.make_vec_env(task_idx, episodes, seed=seed)
     rets, succ = run_episodes(venv, make_act(venv), 1)
-    return per_task_mean(rets[:, 0], n_per_task * episodes), per_task_mean(succ[:, 0].astype(float), n_per_task * episodes)
+    return per_task_mean(rets[:, 0], episodes), per_task_mean(succ[:, 0].astype(float), episodes)
 
 
 def numpy_references(fam, episodes=5, seed=0):
@@ -187,9 +188,7 @@ def main(args: Args):
     if args.out != "none":
         out = Path(args.out or f"benchmark/references/{ref['env_id']}__{ref['preset']}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(ref, indent=1) + "\n")
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(ref, indent=1) + "\n")
         print(f"wrote {out}")
     return ref
 
