@@ -52,6 +52,15 @@ Deviations:
 - Not implemented: the recurrent encoder (the official README says it is incorrect), rlkit's logging stack,
   |Q - MC return| monitoring (mean Q and the Bellman target are logged instead). Discrete action spaces
   (GridNavi) are not supported (PEARL is continuous-control).
+- ``--context-relabel F`` (offline only, off by default; numpy families, whose reward is a function of
+  (s, a, s')): a share F of the training contexts of task i is drawn from a random train task j's data with the
+  rewards recomputed for task i (``common.envs.relabel_rewards``; BOReL's relabelling applied to PEARL's
+  context). Why: the offline data of task i are its own learner's trajectories, which end at task i's goal, so
+  an encoder trained on them can read the task from the states alone; at test time (protocol B) the exploration
+  trajectories come from z ~ prior and head to some other goal, and such an encoder then infers that other
+  goal -- offline PEARL's collapse with self-collected contexts (spec §5, pitfall 10). With relabelled contexts
+  the states never identify the task, so the encoder must read the rewards; and a trajectory of task j's
+  behaviour with task i's rewards is what a prior-z exploration episode looks like at test time.
 - ``--deterministic-z``: the paper's ablation (z = mean of the encoder outputs, no KL), off by default.
 - ``--bf16``: optional autocast for the update's matmuls (fp32 weights, optimiser and posterior/KL).
 """
@@ -75,7 +84,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.data import TaskBatchSampler, ensure_dataset, sample_context
-from common.envs import canonical_env_id, default_preset, make_family
+from common.envs import canonical_env_id, default_preset, make_family, relabel_rewards
 from common.evaluation import per_task_mean, run_episodes
 from common.runs import (Logger, check_fresh_run_dir, load_checkpoint, machine_info, make_run_dir, pick_device,
                          print_progress, save_checkpoint, seed_everything, write_summary)
@@ -145,6 +154,11 @@ class Args:
     """offline: draw training contexts from all of a task's data or from its last --context-tail transitions"""
     context_tail: int = 1000
     """offline, --context-pool tail: size of the per-task context pool"""
+    context_relabel: float = 0.0
+    """offline, a deviation: share of training contexts drawn from a random train task's data with the rewards
+    recomputed for the context's task, so that only rewards identify the task (numpy families; 0 = off)"""
+    relabel_pool_size: int = 50000
+    """offline, --context-relabel > 0: transitions kept (split evenly over train tasks) to relabel for every task"""
 
     # schedule / online collection (oyster configs; None = per-env table)
     num_iterations: int = 500
@@ -414,6 +428,31 @@ def tail_dataset(ds, k: int):
     return dataclasses.replace(ds, arrays=arrays, task_ptr=ptr)
 
 
+class RelabelPool:
+    """--context-relabel: a context for train task i is drawn from the data of a *random* train task j (j = i by
+    chance only), with the rewards recomputed for task i. Its states then look like some task's behaviour data
+    -- like a test-time trajectory explored with a z for the wrong task -- and only its rewards identify i.
+    Kept per source task: M transitions (s, a, s') and their rewards under every train task, R (n_i, n_j, M)."""
+
+    def __init__(self, ds, family, size: int, device, seed: int):
+        rng = np.random.RandomState(seed)
+        m = max(1, min(size // len(family.train_idx), min(ds.task_slice(t).stop - ds.task_slice(t).start
+                                                          for t in family.train_idx)))
+        rows = np.stack([rng.choice(np.arange(ds.task_slice(t).start, ds.task_slice(t).stop), m, replace=False)
+                         for t in family.train_idx])  # (n_j, M)
+        obs, act, nobs = (ds.arrays[k][rows] for k in ("obs", "actions", "next_obs"))
+        rewards, _ = relabel_rewards(family, family.train_idx[:, None, None], obs[None], act[None], nobs[None])
+        self.data = {k: torch.as_tensor(v, device=device) for k, v in (("obs", obs), ("actions", act), ("next_obs", nobs))}
+        self.rewards = torch.as_tensor(rewards, device=device)  # (n_i, n_j, M): the "rewards" column (sparse if sparse)
+
+    def sample(self, task_rows, n: int, generator=None) -> dict:
+        n_j, m = self.rewards.shape[1:]
+        dev = self.rewards.device
+        src = torch.randint(n_j, (len(task_rows), 1), device=dev, generator=generator)
+        idx = torch.randint(m, (len(task_rows), n), device=dev, generator=generator)
+        return {k: v[src, idx] for k, v in self.data.items()} | {"rewards": self.rewards[task_rows[:, None], src, idx]}
+
+
 class TaskBuffers:
     """Online per-task buffers with the same (tasks, rows, dim) + counts layout as TaskBatchSampler; grows by
     doubling; ``clear`` empties a task's buffer (oyster's encoder buffer is cleared per collection)."""
@@ -661,6 +700,12 @@ def collect(nets, family, rows, n_steps, posterior, rl_buf, enc_buf, to_enc, arg
 # ---------------------------------------------------------------------------------------------
 
 
+def variant_name(args: Args) -> str:
+    """The method label of summary.json: pearl, plus the variant flags that change what is learned."""
+    return "pearl" + "".join(tag for on, tag in ((args.online, "-online"), (args.context_relabel > 0, "-relabel"),
+                                                 (args.deterministic_z, "-detz")) if on)
+
+
 def main(args: Args):
     args = resolve_args(args)
     family = make_family(args.env_id, args.preset)
@@ -689,6 +734,11 @@ def main(args: Args):
         rl_src = TaskBatchSampler(ds, family.train_idx, device, keys=keys)
         ctx_ds = tail_dataset(ds, args.context_tail) if args.context_pool == "tail" else ds
         ctx_src = rl_src if args.context_pool == "all" else TaskBatchSampler(ctx_ds, family.train_idx, device, keys=keys)
+    relabel_src = None
+    if args.context_relabel > 0:
+        if args.online:
+            raise SystemExit("--context-relabel is an offline option; online PEARL collects its own contexts")
+        relabel_src = RelabelPool(ds, family, args.relabel_pool_size, device, seed=args.seed)
 
     nets, opts = make_nets(family.obs_dim, family.act_dim, args, device)
     step, train_time, wall_before, history = 0, 0.0, 0.0, []
@@ -754,6 +804,10 @@ def main(args: Args):
             tasks = train_rows[torch.randint(len(train_rows), (args.meta_batch,), device=device, generator=gen)]
             batch = sample_rows(rl_src.data, rl_src.counts, tasks, args.batch_size, gen)
             cbatch = sample_rows(ctx_src.data, ctx_src.counts, tasks, args.context_size, gen)
+            if relabel_src is not None:  # deviation: some contexts carry the task in their rewards only
+                rel = relabel_src.sample(tasks, args.context_size, gen)
+                pick = torch.rand(len(tasks), 1, 1, device=device, generator=gen) < args.context_relabel
+                cbatch = {k: torch.where(pick if v.dim() == 3 else pick[..., 0], v, cbatch[k]) for k, v in rel.items()}
             context = context_tensor(cbatch, "rewards", args.use_next_obs_in_context)
             stats = pearl_update(nets, opts, batch, context, args, rl_key, gen)
             step += 1
@@ -777,7 +831,7 @@ def main(args: Args):
     if res is None:  # resumed a finished run: evaluate once more for the summary
         res = do_eval()
     ups = step / max(train_time, 1e-9)  # train_time accumulates over resumes
-    write_summary(run_dir, method="pearl", env_id=args.env_id, preset=args.preset, seed=args.seed,
+    write_summary(run_dir, method=variant_name(args), env_id=args.env_id, preset=args.preset, seed=args.seed,
                   total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups, machine=machine_info(device),
                   dataset=str(ds.path),
                   eval={"A": {"test": float(res["test"]["A"].mean()), "train": float(res["train"]["A"].mean()),
@@ -789,7 +843,7 @@ def main(args: Args):
                          "B_per_episode_test": res["test"]["B_all"].tolist(), "train_time_s": train_time,
                          "settings": {k: getattr(args, k) for k in ("reward_scale", "kl_lambda", "gamma", "meta_batch",
                                                                      "context_size", "net_size", "encoder_size",
-                                                                     "batch_size", "bf16", "context_pool")}})
+                                                                     "batch_size", "bf16", "context_pool", "context_relabel")}})
     logger.close()
     print(f"done: {step} steps, {ups:.2f} updates/s, summary in {run_dir}/summary.json", flush=True)
 

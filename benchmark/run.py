@@ -72,7 +72,8 @@ def run_seed(cmd: list[str], log_path: Path) -> int:
 def main(argv=None) -> int:
     a = parse_args(argv)
     preset, flags = method_flags(a)
-    script = Path(a.script_dir) / f"{a.method}.py"
+    # A variant (e.g. pearl-relabel) names its script in SETTINGS; a plain method is its own script.
+    script = Path(a.script_dir) / f"{SETTINGS.get((a.method, a.env), {}).get('script', a.method)}.py"
     if not script.exists():
         raise SystemExit(f"method script {script} not found")
     root = Path(a.run_root)

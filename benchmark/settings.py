@@ -9,6 +9,8 @@ Each method's issue adds its entries here (reduced sizes that fit 2 CPU cores, n
     args    extra CLI flags of the method script (do not repeat --total-steps: it comes from ``steps``)
     steps   gradient steps of the main phase (--total-steps)
     note    one line: what was reduced and why, the expected wall time
+    script  (variants only) the method script when the key names a variant, e.g. "pearl" for "pearl-relabel";
+            the script's summary then carries the same variant name, so the two rows sit apart in the report
 """
 
 SETTINGS: dict[tuple[str, str], dict] = {
@@ -19,13 +21,15 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "offline PEARL, nets 3x128 and encoder 3x128 (paper 300/200), bf16 autocast, 10k of the paper's "
                 "500k steps; run with OMP_NUM_THREADS=1 (CPU shared); ~10 min per seed",
     },
-    # Example (methods do not exist yet):
-    # ("pearl", "PointRobot"): {
-    #     "preset": "default",
-    #     "args": ["--eval-every", "500", "--net-size", "128"],
-    #     "steps": 10_000,
-    #     "note": "nets 3x128 instead of 3x300, ~15 min on 2 cores",
-    # },
+    ("pearl-relabel", "PointRobot"): {
+        "script": "pearl",
+        "preset": "default",
+        "args": ["--context-relabel", "1.0", "--eval-every", "1000", "--net-size", "128", "--encoder-size", "128",
+                 "--bf16", "--no-cuda"],
+        "steps": 10_000,
+        "note": "as pearl/PointRobot plus --context-relabel 1.0 (training contexts from another task's data with "
+                "this task's rewards: protocol B without the context shift); ~10 min per seed",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.

@@ -418,6 +418,32 @@ def make_family(env_id: str, preset: str | None = None) -> Family:
     return fam
 
 
+def relabel_rewards(family: Family, task_idx, obs, actions, next_obs):
+    """The rewards that transitions (s, a, s') would have earned in task(s) ``task_idx`` (broadcast against the
+    leading dims of ``next_obs``). Returns ``(rewards, rewards_dense)`` as float32 arrays; ``rewards_dense`` is
+    None for dense families. Used to relabel data across tasks (BOReL; PEARL's ``--context-relabel``).
+
+    Only families whose reward is a function of (s, a, s') and the task are supported: the point robots and
+    GridNavi. MuJoCo rewards need simulator quantities (x-velocity from positions, contact forces) that are
+    not in the observation, so they raise ``NotImplementedError``."""
+    if family.env_id not in _NUMPY_FAMILIES:
+        raise NotImplementedError(f"reward relabelling is not available for {family.env_id}: its reward needs "
+                                  f"simulator state that the observations do not contain")
+    nobs = np.asarray(next_obs, np.float32)
+    tasks = family.tasks[np.asarray(task_idx, np.int64)]
+    if family.env_id == "GridNavi":
+        at_goal = np.all(nobs == tasks, axis=-1)
+        return np.where(at_goal, 1.0, -0.1).astype(np.float32), None
+    goal = np.broadcast_to(np.asarray(family.config["goal"], np.float32), tasks.shape) \
+        if family.env_id == "PointRobotWind" else tasks
+    dense = -np.linalg.norm(nobs - goal, axis=-1).astype(np.float32)
+    if family.env_id != "SparsePointRobot":
+        return dense, None
+    inside = -dense <= family.config.get("goal_radius", 0.2)
+    sparse = np.where(inside, 1.0 + dense if family.config.get("sparse") == "pearl" else 1.0, 0.0)
+    return sparse.astype(np.float32), dense
+
+
 def _gym_entry(family: str, preset: str | None = None, task_idx: int = 0):
     return make_family(family, preset).make_env(task_idx)
 

@@ -145,3 +145,13 @@ def test_run_uses_settings_resumes_and_fails(fake, monkeypatch):
     assert run.main(base + ["--env", "GridNavi", "--seeds", "4", "5"]) == 3  # stops at the first failure
     assert calls(root) == [["--env-id", "GridNavi", "--preset", "borel", "--seed", "4", "--run-dir",
                             str(root / "GridNavi__fakemethod__s4"), "--total-steps", "300", "--fail", "--resume"]]
+
+
+def test_run_variant_calls_its_script_and_gets_its_own_run_dirs(fake, monkeypatch):
+    root = fake / "bench"
+    monkeypatch.setattr(run, "SETTINGS", {("fakemethod-x", "PointRobot"): {
+        "script": "fakemethod", "preset": "default", "args": ["--x"], "steps": 7, "note": "test"}})
+    assert run.main(["--method", "fakemethod-x", "--env", "PointRobot", "--seeds", "2", "--run-root", str(root),
+                     "--script-dir", str(fake)]) == 0
+    assert calls(root) == [["--env-id", "PointRobot", "--preset", "default", "--seed", "2", "--run-dir",
+                            str(root / "PointRobot__fakemethod-x__s2"), "--total-steps", "7", "--x"]]

@@ -213,6 +213,29 @@ def test_sample_rows_and_context_shapes():
     assert np.all(np.diff(tail.task_ptr) == 100)
 
 
+def test_relabel_pool_contexts_come_from_another_task_with_the_contexts_task_rewards():
+    """--context-relabel: a context's (s, a, s') come from one random train task's data, its rewards are the env
+    rewards of the context's own task; relabelled for its source task a transition keeps its recorded reward."""
+    fam = make_family("PointRobot")
+    ds = ensure_dataset("PointRobot", "default")
+    pool = pearl.RelabelPool(ds, fam, 4000, "cpu", seed=0)
+    n = len(fam.train_idx)
+    assert pool.rewards.shape == (n, n, 100) and pool.data["obs"].shape == (n, 100, 2)
+    goals = torch.as_tensor(fam.tasks[fam.train_idx])
+    torch.testing.assert_close(pool.rewards, -(pool.data["next_obs"][None] - goals[:, None, None]).norm(dim=-1),
+                               atol=1e-5, rtol=0)
+    own = pool.rewards[torch.arange(n), torch.arange(n)]  # source == target: the dataset's own rewards
+    assert own.max() > -0.2  # near-goal data of its own task
+    gen = torch.Generator().manual_seed(0)
+    tasks = torch.tensor([0] * 200)
+    c = pool.sample(tasks, 16, gen)
+    # Each context is one source task's data: its 16 states match exactly one source's pool rows.
+    src = [[j for j in range(n) if all((pool.data["obs"][j] == o).all(-1).any() for o in c["obs"][i])]
+           for i in range(20)]
+    assert all(len(s) >= 1 for s in src) and len({s[0] for s in src}) > 5  # several different sources
+    torch.testing.assert_close(c["rewards"], -(c["next_obs"] - goals[0]).norm(dim=-1), atol=1e-5, rtol=0)
+
+
 def test_online_collection_fills_both_buffers():
     args = tiny_args()
     fam = make_family("PointRobot")
