@@ -157,6 +157,9 @@ class Args:
     context_relabel: float = 0.0
     """offline, a deviation: share of training contexts drawn from a random train task's data with the rewards
     recomputed for the context's task, so that only rewards identify the task (numpy families; 0 = off)"""
+    relabel_mode: Literal["task", "pool", "mix"] = "task"
+    """--context-relabel: a context's transitions come from one random train task (task), each from a random
+    train task (pool), or a random share p ~ U(0, 1) from one task and the rest from random ones (mix)"""
     relabel_pool_size: int = 50000
     """offline, --context-relabel > 0: transitions kept (split evenly over train tasks) to relabel for every task"""
 
@@ -434,7 +437,8 @@ class RelabelPool:
     -- like a test-time trajectory explored with a z for the wrong task -- and only its rewards identify i.
     Kept per source task: M transitions (s, a, s') and their rewards under every train task, R (n_i, n_j, M)."""
 
-    def __init__(self, ds, family, size: int, device, seed: int):
+    def __init__(self, ds, family, size: int, device, seed: int, mode: str = "task"):
+        self.mode = mode
         rng = np.random.RandomState(seed)
         m = max(1, min(size // len(family.train_idx), min(ds.task_slice(t).stop - ds.task_slice(t).start
                                                           for t in family.train_idx)))
@@ -449,6 +453,11 @@ class RelabelPool:
         n_j, m = self.rewards.shape[1:]
         dev = self.rewards.device
         src = torch.randint(n_j, (len(task_rows), 1), device=dev, generator=generator)
+        if self.mode != "task":  # pool: each transition from a random train task; mix: a share p ~ U(0, 1) of
+            # the context from the one source task, the rest from random ones (concentrated to spread states)
+            p = torch.rand(len(task_rows), 1, device=dev, generator=generator) if self.mode == "mix" else 0.0
+            other = torch.randint(n_j, (len(task_rows), n), device=dev, generator=generator)
+            src = torch.where(torch.rand(len(task_rows), n, device=dev, generator=generator) < p, src, other)
         idx = torch.randint(m, (len(task_rows), n), device=dev, generator=generator)
         return {k: v[src, idx] for k, v in self.data.items()} | {"rewards": self.rewards[task_rows[:, None], src, idx]}
 
@@ -738,7 +747,7 @@ def main(args: Args):
     if args.context_relabel > 0:
         if args.online:
             raise SystemExit("--context-relabel is an offline option; online PEARL collects its own contexts")
-        relabel_src = RelabelPool(ds, family, args.relabel_pool_size, device, seed=args.seed)
+        relabel_src = RelabelPool(ds, family, args.relabel_pool_size, device, seed=args.seed, mode=args.relabel_mode)
 
     nets, opts = make_nets(family.obs_dim, family.act_dim, args, device)
     step, train_time, wall_before, history = 0, 0.0, 0.0, []

@@ -234,6 +234,13 @@ def test_relabel_pool_contexts_come_from_another_task_with_the_contexts_task_rew
            for i in range(20)]
     assert all(len(s) >= 1 for s in src) and len({s[0] for s in src}) > 5  # several different sources
     torch.testing.assert_close(c["rewards"], -(c["next_obs"] - goals[0]).norm(dim=-1), atol=1e-5, rtol=0)
+    # pool mode: the transitions of one context come from many train tasks.
+    pool.mode = "pool"
+    c = pool.sample(tasks[:3], 32, gen)
+    for i in range(3):
+        srcs = {j for o in c["obs"][i] for j in range(n) if (pool.data["obs"][j] == o).all(-1).any()}
+        assert len(srcs) > 10
+    torch.testing.assert_close(c["rewards"], -(c["next_obs"] - goals[0]).norm(dim=-1), atol=1e-5, rtol=0)
 
 
 def test_online_collection_fills_both_buffers():
