@@ -24,11 +24,11 @@ SETTINGS: dict[tuple[str, str], dict] = {
     ("pearl-relabel", "PointRobot"): {
         "script": "pearl",
         "preset": "default",
-        "args": ["--context-relabel", "1.0", "--eval-every", "1000", "--net-size", "128", "--encoder-size", "128",
+        "args": ["--context-relabel", "1.0", "--relabel-mode", "pool", "--eval-every", "1000", "--net-size", "128", "--encoder-size", "128",
                  "--bf16", "--no-cuda"],
         "steps": 10_000,
-        "note": "as pearl/PointRobot plus --context-relabel 1.0 (training contexts from another task's data with "
-                "this task's rewards: protocol B without the context shift); ~10 min per seed",
+        "note": "as pearl/PointRobot plus --context-relabel 1.0 --relabel-mode pool (training contexts: transitions of "
+                "random train tasks with this task's rewards, so only rewards identify the task); ~10 min per seed",
     },
 }
 
