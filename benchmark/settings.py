@@ -21,6 +21,13 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "offline PEARL, nets 3x128 and encoder 3x128 (paper 300/200), bf16 autocast, 10k of the paper's "
                 "500k steps; run with OMP_NUM_THREADS=1 (CPU shared); ~10 min per seed",
     },
+    ("pearl", "HalfCheetahVel"): {
+        "preset": "cpu",
+        "args": ["--eval-every", "4000", "--net-size", "128", "--encoder-size", "128", "--bf16", "--no-cuda"],
+        "steps": 40_000,
+        "note": "offline PEARL on the CPU-sized cheetah dataset (20/10 tasks), nets 3x128 (paper 300/200), bf16, "
+                "40k of the paper's 1M steps; ~60 min on one shared core",
+    },
     ("pearl-relabel", "PointRobot"): {
         "script": "pearl",
         "preset": "default",
