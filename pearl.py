@@ -61,6 +61,9 @@ Deviations:
   goal -- offline PEARL's collapse with self-collected contexts (spec §5, pitfall 10). With relabelled contexts
   the states never identify the task, so the encoder must read the rewards; and a trajectory of task j's
   behaviour with task i's rewards is what a prior-z exploration episode looks like at test time.
+  ``--relabel-mode`` picks where a relabelled context's transitions come from: one random train task (task),
+  each from a random train task (pool), or a mixture (mix). Measured in the README: relabelling lifts protocol B
+  and costs protocol A; none of the three modes matches the default's protocol A.
 - ``--deterministic-z``: the paper's ablation (z = mean of the encoder outputs, no KL), off by default.
 - ``--bf16``: optional autocast for the update's matmuls (fp32 weights, optimiser and posterior/KL).
 """
