@@ -323,3 +323,11 @@ def test_mode_b_explores_with_the_prior_then_uses_all_collected_transitions(monk
     # Episodes 0 and 1 use z ~ prior (no inference); before episodes 2 and 3 the posterior sees every transition
     # collected so far in that env: 2 and 3 episodes of H = 20 steps, for all 10 tasks x 2 runs.
     assert seen == [((20, 40), [40.0] * 20), ((20, 60), [60.0] * 20)]
+
+
+def test_variant_names_and_relabel_refused_online(tmp_path):
+    assert pearl.variant_name(pearl.Args()) == "pearl"
+    assert pearl.variant_name(pearl.Args(online=True, deterministic_z=True)) == "pearl-online-detz"
+    assert pearl.variant_name(pearl.Args(context_relabel=0.5)) == "pearl-relabel"
+    with pytest.raises(SystemExit, match="offline option"):
+        pearl.main(pearl.Args(online=True, context_relabel=1.0, cuda=False, run_dir=str(tmp_path / "r")))
