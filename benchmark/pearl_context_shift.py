@@ -45,15 +45,14 @@ def probe(run_dir: Path, n: int = 64, draws: int = 3) -> dict:
     a, test = ds.arrays, fam.test_idx
     rows_of = lambda t: np.arange(ds.task_slice(t).start, ds.task_slice(t).stop)  # noqa: E731
     train_rows = np.concatenate([rows_of(t) for t in fam.train_idx])
+    pools = {"own data": lambda t: rows_of(t), "own random eps": lambda t: rows_of(t)[:10 * fam.horizon],
+             "own last 50 eps": lambda t: rows_of(t)[-50 * fam.horizon:], "other tasks": lambda t: train_rows}
     out = {}
     for name in SOURCES:
         returns = []
         for d in range(draws):
             rng = np.random.RandomState(d)
-            pick = {"own data": lambda t: rows_of(t), "own random eps": lambda t: rows_of(t)[:10 * fam.horizon],
-                    "own last 50 eps": lambda t: rows_of(t)[-50 * fam.horizon:],
-                    "other tasks": lambda t: train_rows}[name]
-            rows = np.stack([rng.choice(pick(t), n) for t in test])
+            rows = np.stack([rng.choice(pools[name](t), n) for t in test])
             r = a["rewards"][rows]
             if name == "other tasks":
                 r, _ = relabel_rewards(fam, test[:, None], a["obs"][rows], a["actions"][rows], a["next_obs"][rows])

@@ -236,6 +236,24 @@ class _BatchedBase:
         return self.t >= self.horizon
 
 
+def _point_rewards(family, next_pos, goal):
+    """Point-robot reward of landing at ``next_pos`` [..., 2] with goal(s) ``goal``: (reward, dense, inside);
+    shared by the batched env and ``relabel_rewards``."""
+    dist = np.linalg.norm(next_pos - goal, axis=-1)
+    dense = (-dist).astype(np.float32)
+    inside = dist <= family.config.get("goal_radius", 0.2)
+    if family.env_id != "SparsePointRobot":
+        return dense, dense, inside
+    reward = np.where(inside, 1.0 + dense if family.config.get("sparse") == "pearl" else 1.0, 0.0)
+    return reward.astype(np.float32), dense, inside
+
+
+def _grid_rewards(next_pos, goal):
+    """GridNavi reward of landing at ``next_pos``: +1 on the goal cell, -0.1 elsewhere; (reward, at_goal)."""
+    at_goal = np.all(next_pos == goal, axis=-1)
+    return np.where(at_goal, 1.0, -0.1).astype(np.float32), at_goal
+
+
 class BatchedPointEnv(_BatchedBase):
     """All point-robot variants (dense, sparse, wind) for B envs at once: state [B, 2]."""
 
@@ -243,8 +261,6 @@ class BatchedPointEnv(_BatchedBase):
         super().__init__(family, task_idx, n_per_task, seed)
         c = family.config
         self.kind = family.env_id
-        self.goal_radius = c.get("goal_radius", 0.2)
-        self.sparse = c.get("sparse")
         if self.kind == "PointRobotWind":
             self.goal = np.broadcast_to(np.asarray(c["goal"], np.float32), (self.num_envs, 2))
             self.wind = self.tasks
@@ -263,17 +279,12 @@ class BatchedPointEnv(_BatchedBase):
     def step(self, actions):
         a = np.clip(np.asarray(actions, np.float32), -1.0, 1.0)
         self.state = (self.state + 0.1 * a + self.wind).astype(np.float32)
-        dist = np.linalg.norm(self.state - self.goal, axis=1)
-        dense = -dist
-        inside = dist <= self.goal_radius
+        reward, dense, inside = _point_rewards(self.family, self.state, self.goal)
         info = {"success": inside}
         if self.kind == "SparsePointRobot":
-            reward = np.where(inside, 1.0 + dense if self.sparse == "pearl" else 1.0, 0.0)
-            info["rewards_dense"] = dense.astype(np.float32)
-        else:
-            reward = dense
+            info["rewards_dense"] = dense
         truncated = self._advance()
-        return self.state.copy(), reward.astype(np.float32), np.zeros(self.num_envs, bool), truncated, info
+        return self.state.copy(), reward, np.zeros(self.num_envs, bool), truncated, info
 
 
 class BatchedGridNavi(_BatchedBase):
@@ -291,8 +302,7 @@ class BatchedGridNavi(_BatchedBase):
     def step(self, actions):
         moves = GridNaviEnv.MOVES[np.asarray(actions, np.int64).reshape(-1)]
         self.state = np.clip(self.state + moves, 0, self.size - 1).astype(np.float32)
-        at_goal = np.all(self.state == self.tasks, axis=1)
-        reward = np.where(at_goal, 1.0, -0.1).astype(np.float32)
+        reward, at_goal = _grid_rewards(self.state, self.tasks)
         truncated = self._advance()
         return self.state.copy(), reward, np.zeros(self.num_envs, bool), truncated, {"success": at_goal}
 
@@ -432,16 +442,11 @@ def relabel_rewards(family: Family, task_idx, obs, actions, next_obs):
     nobs = np.asarray(next_obs, np.float32)
     tasks = family.tasks[np.asarray(task_idx, np.int64)]
     if family.env_id == "GridNavi":
-        at_goal = np.all(nobs == tasks, axis=-1)
-        return np.where(at_goal, 1.0, -0.1).astype(np.float32), None
+        return _grid_rewards(nobs, tasks)[0], None
     goal = np.broadcast_to(np.asarray(family.config["goal"], np.float32), tasks.shape) \
         if family.env_id == "PointRobotWind" else tasks
-    dense = -np.linalg.norm(nobs - goal, axis=-1).astype(np.float32)
-    if family.env_id != "SparsePointRobot":
-        return dense, None
-    inside = -dense <= family.config.get("goal_radius", 0.2)
-    sparse = np.where(inside, 1.0 + dense if family.config.get("sparse") == "pearl" else 1.0, 0.0)
-    return sparse.astype(np.float32), dense
+    reward, dense, _ = _point_rewards(family, nobs, goal)
+    return reward, (dense if family.env_id == "SparsePointRobot" else None)
 
 
 def _gym_entry(family: str, preset: str | None = None, task_idx: int = 0):
