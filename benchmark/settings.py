@@ -37,6 +37,20 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "as pearl/PointRobot plus --context-relabel 1.0 --relabel-mode pool (training contexts: transitions of "
                 "random train tasks with this task's rewards, so only rewards identify the task); ~10 min per seed",
     },
+    ("macaw", "PointRobot"): {
+        "preset": "default",
+        "args": ["--eval-every", "250", "--no-cuda"],
+        "steps": 3_000,
+        "note": "MACAW at the paper's sizes (width 100, WLinear, 5 tasks x 256 rows), buffer skip 1, 3k of the "
+                "paper's ~1M meta-steps (spec §9: 2k-4k); ~8 min per seed on one shared core",
+    },
+    ("macaw", "HalfCheetahVel"): {
+        "preset": "cpu",
+        "args": ["--eval-every", "2000", "--no-cuda"],
+        "steps": 30_000,
+        "note": "MACAW at the paper's sizes on the CPU-sized cheetah dataset (20/10 tasks, skip 7 as the paper), "
+                "30k of the paper's ~1M meta-steps; ~70 min on one shared core",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.

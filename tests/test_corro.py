@@ -1,0 +1,195 @@
+"""corro.py: InfoNCE against hand-computed values and on a toy two-task problem, negatives that share the query's
+(s, a), the aggregator, the frozen encoder and critic-only aggregator gradients, the linear probe, plumbing."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import corro
+from common.data import Dataset
+
+
+def tiny_args(**kw):
+    kw = dict(cuda=False, hidden=16, encoder_hidden=16, cvae_hidden=16) | kw
+    return corro.resolve_args(corro.Args(**kw))
+
+
+def toy_dataset(n_tasks=2, n_eps=40, H=5, seed=0):
+    """Shared dynamics s' = s + a (1-d), task i's reward +1 (even i) or -1 (odd i) at every step."""
+    rng = np.random.RandomState(seed)
+    N = n_tasks * n_eps * H
+    obs = rng.uniform(-1, 1, (N, 1)).astype(np.float32)
+    act = rng.uniform(-1, 1, (N, 1)).astype(np.float32)
+    task = np.repeat(np.arange(n_tasks), n_eps * H).astype(np.int32)
+    arrays = {"obs": obs, "actions": act, "next_obs": obs + act, "rewards": np.where(task % 2 == 0, 1.0, -1.0).astype(np.float32),
+              "terminals": np.zeros(N, bool), "task_id": task,
+              "episode_id": np.tile(np.repeat(np.arange(n_eps), H), n_tasks).astype(np.int32),
+              "step": np.tile(np.arange(H), n_tasks * n_eps).astype(np.int32)}
+    return Dataset(path="toy", meta={}, arrays=arrays, tasks=np.arange(n_tasks, dtype=np.float32)[:, None],
+                   train_tasks=np.arange(n_tasks), test_tasks=np.arange(0), task_ptr=np.arange(n_tasks + 1) * n_eps * H)
+
+
+# ---------------------------------------------------------------------------------------------
+# InfoNCE
+# ---------------------------------------------------------------------------------------------
+
+
+def test_infonce_matches_hand_computed_value_and_chance_level():
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    k = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    neg = torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]], dtype=torch.float64)
+    logits = [0.6 / 0.1, 0.0 / 0.1, -1.0 / 0.1]
+    expected = -(logits[0] - math.log(sum(math.exp(x) for x in logits)))
+    assert corro.infonce_loss(q, k, neg, 0.1).item() == pytest.approx(expected, rel=1e-5)
+    # All embeddings equal: the positive is one of N + 1 equal logits -> ln(1 + N).
+    z = torch.nn.functional.normalize(torch.randn(4, 5), dim=-1)
+    loss = corro.infonce_loss(z, z, z[:, None].expand(-1, 16, -1), 0.1)
+    assert loss.item() == pytest.approx(math.log(17), rel=1e-5)
+
+
+def test_negatives_share_the_querys_state_and_action():
+    args = tiny_args(n_negatives=6)
+    ds = toy_dataset()
+    data = corro.TaskData(ds, [0, 1], "cpu")
+    cvae = corro.CVAE(1, 1, 16, 3)
+    gen = torch.Generator().manual_seed(0)
+    q = {k: v[:, 0] for k, v in data.rows(torch.tensor([0, 1, 1]), 1, gen).items()}
+    for kind in ("cvae", "reward_noise"):
+        neg = corro.negatives(q, corro.resolve_args(corro.Args(negatives=kind, n_negatives=6)), cvae, data, gen)
+        assert neg["obs"].shape == (3, 6, 1) and neg["rewards"].shape == (3, 6) and neg["next_obs"].shape == (3, 6, 1)
+        torch.testing.assert_close(neg["obs"], q["obs"][:, None].expand(-1, 6, -1))
+        torch.testing.assert_close(neg["actions"], q["actions"][:, None].expand(-1, 6, -1))
+        assert neg["rewards"].std() > 0  # the task-dependent part varies
+    neg = corro.negatives(q, corro.resolve_args(corro.Args(negatives="reward_noise", n_negatives=6)), cvae, data, gen)
+    torch.testing.assert_close(neg["next_obs"], q["next_obs"][:, None].expand(-1, 6, -1))
+    # the CVAE's prior samples: (B, N) rows of (s', r)
+    s2, r = cvae.sample(neg["obs"], neg["actions"], gen)
+    assert s2.shape == (3, 6, 1) and r.shape == (3, 6)
+
+
+def test_infonce_falls_below_chance_on_a_toy_two_task_problem():
+    """Two tasks that differ only in their reward (+1 / -1) under shared dynamics. A CVAE of p(r, s' | s, a) fitted
+    on both learns the two rewards; with its samples as negatives, an encoder that tells the tasks apart reaches
+    ln(1 + N/2) = 2.20 (half the negatives look like the positive's task), well below chance ln(1 + N) = 2.83."""
+    torch.manual_seed(0)
+    args = tiny_args(cvae_epochs=200, cvae_batch=64, cvae_lr=3e-3, cvae_latent=2, infonce_batch=64, n_negatives=16)
+    data = corro.TaskData(toy_dataset(), [0, 1], "cpu")
+    nets, opts = corro.make_nets(1, 1, args, "cpu")
+    gen = torch.Generator().manual_seed(0)
+
+    class NoLog:
+        def log_scalars(self, *a):
+            pass
+
+    corro.fit_cvae(nets["cvae"], data, args, gen, NoLog())
+    with torch.no_grad():  # the CVAE's prior samples carry both rewards
+        _, r = nets["cvae"].sample(torch.zeros(2000, 1), torch.zeros(2000, 1), gen)
+    assert (r > 0.5).float().mean() > 0.2 and (r < -0.5).float().mean() > 0.2
+    losses = [corro.encoder_update(nets["e1"], opts["e1"], data, nets["cvae"], args, gen) for _ in range(400)]
+    assert np.mean(losses[:10]) > math.log(17) - 0.3
+    assert np.mean(losses[-50:]) < math.log(17) - 0.4, np.mean(losses[-50:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregator, frozen encoder, gradients
+# ---------------------------------------------------------------------------------------------
+
+
+def test_aggregator_is_permutation_invariant_masked_and_the_mean_at_zero_scores():
+    torch.manual_seed(0)
+    e2 = corro.AttentionAggregator(5)
+    z_i = torch.nn.functional.normalize(torch.randn(3, 7, 5), dim=-1)
+    perm = torch.randperm(7)
+    torch.testing.assert_close(e2(z_i[:, perm]), e2(z_i))
+    with torch.no_grad():
+        e2.score.weight.zero_()
+        e2.score.bias.zero_()
+    torch.testing.assert_close(e2(z_i), z_i.mean(1))
+    mask = torch.ones(3, 7)
+    mask[:, 4:] = 0
+    torch.testing.assert_close(e2(z_i, mask), z_i[:, :4].mean(1))
+
+
+def test_sac_stage_freezes_e1_and_trains_e2_through_the_critic_only():
+    torch.manual_seed(0)
+    args = tiny_args()
+    data = corro.TaskData(toy_dataset(), [0, 1], "cpu")
+    nets, opts = corro.make_nets(1, 1, args, "cpu")
+    for p in nets["e1"].parameters():
+        p.requires_grad_(False)
+    e1_before = [p.clone() for p in nets["e1"].parameters()]
+    e2_before = [p.clone() for p in nets["e2"].parameters()]
+    gen = torch.Generator().manual_seed(0)
+    tasks = torch.tensor([0, 1, 1])
+    batch, (ctx, mask) = data.rows(tasks, 8, gen), data.episodes(tasks, gen)
+    # The critic-loss gradient of E2, computed by hand with the same sampled next actions.
+    g_state = gen.get_state()
+    z = corro.context_z(nets["e1"], nets["e2"], ctx, mask)[:, None].expand(-1, 8, -1)
+    with torch.no_grad():
+        ns_z = torch.cat([batch["next_obs"], z], -1)
+        a2, logp2 = nets["pi"](ns_z, generator=gen)
+        y = batch["rewards"][..., None] + args.gamma * (nets["qf_targ"](torch.cat([ns_z, a2], -1)).min(0).values - args.alpha * logp2)
+    loss = corro.critic_loss(nets["qf"](torch.cat([batch["obs"], z, batch["actions"]], -1)), y)
+    g_e2 = torch.autograd.grad(loss, list(nets["e2"].parameters()))
+    gen.set_state(g_state)
+    corro.sac_update(nets, opts, batch, ctx, mask, args, gen)
+    for p, p0 in zip(nets["e1"].parameters(), e1_before):
+        assert torch.equal(p, p0)
+    for p, p0 in zip(nets["e2"].parameters(), e2_before):
+        assert not torch.equal(p, p0)
+    for p, g in zip(nets["e2"].parameters(), g_e2):  # exactly the critic loss's gradient: none from the actor
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_linear_probe_r2():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 3, generator=g)
+    y = z @ torch.tensor([[1.0, 0.5], [2.0, -1.0], [0.0, 0.3]]) + 0.2
+    assert corro.linear_probe_r2(z[:30], y[:30], z[30:], y[30:]) == pytest.approx(1.0)
+    assert corro.linear_probe_r2(z[:30], torch.randn(30, 2, generator=g), z[30:], y[30:]) < 0.3
+
+
+def test_episode_contexts_are_whole_episodes_of_the_task():
+    ds = toy_dataset(n_eps=4, H=5)
+    data = corro.TaskData(ds, [0, 1], "cpu")
+    gen = torch.Generator().manual_seed(0)
+    ctx, mask = data.episodes(torch.tensor([1, 0, 1]), gen)
+    assert ctx["obs"].shape == (3, 5, 1) and mask.sum().item() == 15
+    assert torch.all(ctx["rewards"][0] == -1) and torch.all(ctx["rewards"][1] == 1)  # task 1 / task 0's rewards
+    # the 5 rows are one episode of the task: consecutive dataset rows starting at a step-0 row
+    rows = [int(np.flatnonzero((ds["obs"][:, 0] == o) & (ds["task_id"] == 1))[0]) for o in ctx["obs"][0, :, 0].tolist()]
+    assert ds["step"][rows[0]] == 0 and rows == list(range(rows[0], rows[0] + 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_main_runs_stages_writes_iid_and_ood_and_resumes_identically(tmp_path, monkeypatch):
+    kw = dict(cuda=False, hidden=16, encoder_hidden=16, cvae_hidden=16, cvae_epochs=0.02, encoder_steps=40,
+              meta_batch=4, batch_size=32, eval_every=20, print_every=1000, log_every=10, eval_draws=1,
+              n_train_eval_tasks=2)
+    seen = []
+    real_fit = corro.fit_cvae
+    monkeypatch.setattr(corro, "fit_cvae", lambda cvae, data, *a, **k: seen.append(data.task_ids.copy()) or real_fit(cvae, data, *a, **k))
+    corro.main(corro.Args(total_steps=40, run_dir=str(tmp_path / "full"), **kw))
+    np.testing.assert_array_equal(seen[0], np.arange(40))  # the CVAE sees the 40 train tasks only
+    corro.main(corro.Args(total_steps=20, run_dir=str(tmp_path / "part"), **kw))
+    corro.main(corro.Args(total_steps=40, run_dir=str(tmp_path / "part"), resume=True, **kw))
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    part = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert full["method"] == "corro" and set(full["eval"]) == {"iid", "ood_random", "ood_other_task"}
+    assert len(full["eval"]["iid"]["test_per_task"]) == 10 and -1 <= full["extra"]["probe_r2"] <= 1
+    for mode in full["eval"]:
+        assert part["eval"][mode]["test_per_task"] == pytest.approx(full["eval"][mode]["test_per_task"])
+    with pytest.raises(FileExistsError):
+        corro.main(corro.Args(total_steps=40, run_dir=str(tmp_path / "full"), **kw))
+    with pytest.raises(SystemExit, match="discrete"):
+        corro.main(corro.Args(env_id="GridNavi", preset="borel", run_dir=str(tmp_path / "grid"), **kw))
+    corro.main(corro.Args(total_steps=0, run_dir=str(tmp_path / "leak"), cvae_include_test_tasks=True, **kw))
+    np.testing.assert_array_equal(seen[-1], np.arange(50))
+    assert corro.variant_name(corro.Args(negatives="reward_noise")) == "corro-rewnoise"
