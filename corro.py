@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.data import ensure_dataset, sample_context
-from common.envs import canonical_env_id, default_preset, make_family
+from common.envs import canonical_env_id, default_preset, make_family, relabel_rewards
 from common.evaluation import per_task_mean, run_episodes
 from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir,
                          pick_device, print_progress, save_checkpoint, seed_everything, write_summary)
@@ -88,9 +88,11 @@ class Args:
     """dimension of z (5; Hopper 40, Walker 32)"""
     encoder_hidden: int | None = None
     """width of the transition encoder's 2 hidden layers"""
-    negatives: Literal["cvae", "reward_noise", "random"] = "cvae"
+    negatives: Literal["cvae", "reward_noise", "relabel", "random"] = "cvae"
     """negative pairs: CVAE samples sharing the query's (s, a); reward noise (r + N(0, reward_std^2), same s');
-    or random transitions of the pooled training data (ablation: negatives do not share (s, a))"""
+    relabel: the query's (s, a, s') with the reward of random train tasks (the official ``gt`` type; needs the
+    family's reward function, numpy families only); or random transitions of the pooled training data
+    (ablation: negatives do not share (s, a))"""
     n_negatives: int = 16
     """negatives per query"""
     infonce_batch: int = 64
@@ -395,7 +397,7 @@ def fit_cvae(cvae, data: TaskData, args, gen, logger, step_offset=0):
     return steps
 
 
-def negatives(q: dict, args, cvae, data: TaskData, gen):
+def negatives(q: dict, args, cvae, data: TaskData, gen, family=None):
     """(s, a, r~, s~') of the N negatives of each query: (B, N, ...) fields."""
     B, N = len(q["rewards"]), args.n_negatives
     if args.negatives == "random":  # ablation: whole transitions of random training tasks (other (s, a))
@@ -407,20 +409,25 @@ def negatives(q: dict, args, cvae, data: TaskData, gen):
     if args.negatives == "cvae":
         with torch.no_grad():
             nobs, rew = cvae.sample(obs, act, gen)
+    elif args.negatives == "relabel":  # the same transition in random train tasks (shared dynamics), their rewards
+        nobs = q["next_obs"][:, None].expand(-1, N, -1)
+        task = data.task_ids[torch.randint(len(data.task_ids), (B, N), generator=gen, device=obs.device).cpu().numpy()]
+        rew = torch.as_tensor(relabel_rewards(family, task, obs.cpu().numpy(), act.cpu().numpy(), nobs.cpu().numpy())[0],
+                              device=obs.device)
     else:  # reward_noise: r + N(0, std^2), same s'
         nobs = q["next_obs"][:, None].expand(-1, N, -1)
         rew = q["rewards"][:, None] + args.reward_std * torch.randn(B, N, generator=gen, device=obs.device)
     return {"obs": obs, "actions": act, "rewards": rew, "next_obs": nobs}
 
 
-def encoder_update(e1, opt, data: TaskData, cvae, args, gen):
+def encoder_update(e1, opt, data: TaskData, cvae, args, gen, family=None):
     """One InfoNCE step: queries and positives are two random transitions of the same random train task."""
     dev = data.counts.device
     tasks = torch.randint(len(data.task_ids), (args.infonce_batch,), generator=gen, device=dev)
     both = data.rows(tasks, 2, gen)  # (B, 2, .): column 0 query, column 1 key
     q = {k: v[:, 0] for k, v in both.items()}
     k = {key: v[:, 1] for key, v in both.items()}
-    neg = negatives(q, args, cvae, data, gen)
+    neg = negatives(q, args, cvae, data, gen, family)
     feats = lambda b: transition_features(b["obs"], b["actions"], b["rewards"], b["next_obs"])
     loss = infonce_loss(e1(feats(q)), e1(feats(k)), e1(feats(neg)), args.temperature)
     opt.zero_grad(set_to_none=True)
@@ -580,7 +587,7 @@ def evaluate(step, nets, data, family, ds, behaviours, args, device, logger):
 
 
 def variant_name(args: Args) -> str:
-    return "corro" + {"cvae": "", "reward_noise": "-rewnoise", "random": "-randneg"}[args.negatives] + \
+    return "corro" + {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives] + \
         ("-leak" if args.cvae_include_test_tasks else "")
 
 
@@ -659,7 +666,7 @@ def main(args: Args):
     if stage == "encoder":
         t0, losses = time.time(), []
         while enc_step < args.encoder_steps:
-            losses.append(encoder_update(nets["e1"], opts["e1"], data["train"], nets["cvae"], args, gen))
+            losses.append(encoder_update(nets["e1"], opts["e1"], data["train"], nets["cvae"], args, gen, family))
             enc_step += 1
             if enc_step % args.log_every == 0:
                 logger.log_scalars(enc_step, {"encoder/infonce": float(np.mean(losses[-args.log_every:])),

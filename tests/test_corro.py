@@ -193,3 +193,19 @@ def test_main_runs_stages_writes_iid_and_ood_and_resumes_identically(tmp_path, m
     corro.main(corro.Args(total_steps=0, run_dir=str(tmp_path / "leak"), cvae_include_test_tasks=True, **kw))
     np.testing.assert_array_equal(seen[-1], np.arange(50))
     assert corro.variant_name(corro.Args(negatives="reward_noise")) == "corro-rewnoise"
+
+
+def test_relabel_negatives_are_the_query_transition_in_other_train_tasks():
+    from common.data import ensure_dataset
+    from common.envs import make_family, relabel_rewards
+    fam = make_family("PointRobot")
+    data = corro.TaskData(ensure_dataset("PointRobot", "default"), fam.train_idx, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    q = {k: v[:, 0] for k, v in data.rows(torch.tensor([0, 5, 9]), 1, gen).items()}
+    neg = corro.negatives(q, corro.resolve_args(corro.Args(negatives="relabel", n_negatives=8)), None, data, gen, fam)
+    torch.testing.assert_close(neg["next_obs"], q["next_obs"][:, None].expand(-1, 8, -1))
+    s, a, s2 = (neg[k].numpy() for k in ("obs", "actions", "next_obs"))
+    per_task = np.stack([relabel_rewards(fam, np.full((3, 8), t), s, a, s2)[0] for t in fam.train_idx], -1)
+    # every negative's reward is the reward of the query's (s, a, s') in one of the train tasks, and they vary
+    assert np.abs(per_task - neg["rewards"].numpy()[..., None]).min(-1).max() < 1e-6
+    assert neg["rewards"].std(1).min() > 0
