@@ -101,6 +101,9 @@ class Args:
     """InfoNCE temperature tau"""
     reward_std: float = 0.5
     """--negatives reward_noise: std of the reward noise"""
+    relabel_queries: bool = False
+    """a deviation (numpy families): queries and positives are transitions of random train tasks relabelled with the
+    query task's reward, so that neither the states nor the "realness" of a reward identify the task"""
     encoder_steps: int = 200_000
     """InfoNCE updates of the transition encoder (stage 2; official 1000 x 200)"""
     encoder_lr: float = 3e-4
@@ -420,13 +423,27 @@ def negatives(q: dict, args, cvae, data: TaskData, gen, family=None):
     return {"obs": obs, "actions": act, "rewards": rew, "next_obs": nobs}
 
 
-def encoder_update(e1, opt, data: TaskData, cvae, args, gen, family=None):
-    """One InfoNCE step: queries and positives are two random transitions of the same random train task."""
+def contrastive_pairs(data: TaskData, args, gen, family=None):
+    """Queries and positives: two random transitions of the same random train task, (B,) task rows and dicts of
+    (B, ...) fields. ``--relabel-queries``: the two transitions come from random train tasks' data and carry the
+    query task's rewards."""
     dev = data.counts.device
     tasks = torch.randint(len(data.task_ids), (args.infonce_batch,), generator=gen, device=dev)
-    both = data.rows(tasks, 2, gen)  # (B, 2, .): column 0 query, column 1 key
-    q = {k: v[:, 0] for k, v in both.items()}
-    k = {key: v[:, 1] for key, v in both.items()}
+    if args.relabel_queries:
+        src = torch.randint(len(data.task_ids), (args.infonce_batch * 2,), generator=gen, device=dev)
+        both = {k: v.reshape(args.infonce_batch, 2, *v.shape[2:]) for k, v in data.rows(src, 1, gen).items()}
+        task_ids = np.repeat(data.task_ids[tasks.cpu().numpy()][:, None], 2, 1)
+        both["rewards"] = torch.as_tensor(relabel_rewards(family, task_ids, both["obs"].cpu().numpy(),
+                                                          both["actions"].cpu().numpy(), both["next_obs"].cpu().numpy())[0],
+                                          device=dev)
+    else:
+        both = data.rows(tasks, 2, gen)  # (B, 2, .): column 0 query, column 1 key
+    return tasks, {k: v[:, 0] for k, v in both.items()}, {k: v[:, 1] for k, v in both.items()}
+
+
+def encoder_update(e1, opt, data: TaskData, cvae, args, gen, family=None):
+    """One InfoNCE step of the transition encoder."""
+    _, q, k = contrastive_pairs(data, args, gen, family)
     neg = negatives(q, args, cvae, data, gen, family)
     feats = lambda b: transition_features(b["obs"], b["actions"], b["rewards"], b["next_obs"])
     loss = infonce_loss(e1(feats(q)), e1(feats(k)), e1(feats(neg)), args.temperature)

@@ -209,3 +209,19 @@ def test_relabel_negatives_are_the_query_transition_in_other_train_tasks():
     # every negative's reward is the reward of the query's (s, a, s') in one of the train tasks, and they vary
     assert np.abs(per_task - neg["rewards"].numpy()[..., None]).min(-1).max() < 1e-6
     assert neg["rewards"].std(1).min() > 0
+
+
+def test_relabelled_queries_carry_the_query_tasks_reward_on_other_tasks_transitions():
+    from common.data import ensure_dataset
+    from common.envs import make_family, relabel_rewards
+    fam = make_family("PointRobot")
+    data = corro.TaskData(ensure_dataset("PointRobot", "default"), fam.train_idx, "cpu")
+    args = corro.resolve_args(corro.Args(negatives="relabel", relabel_queries=True, infonce_batch=256))
+    tasks, q, k = corro.contrastive_pairs(data, args, torch.Generator().manual_seed(0), fam)
+    for b in (q, k):
+        r = relabel_rewards(fam, data.task_ids[tasks.numpy()], b["obs"].numpy(), b["actions"].numpy(), b["next_obs"].numpy())[0]
+        np.testing.assert_allclose(b["rewards"].numpy(), r, atol=1e-6)
+    # the transitions come from many tasks' data, not only the query task's (whose data end near its goal)
+    goals = fam.tasks[data.task_ids[tasks.numpy()]]
+    dist_to_own_goal = np.linalg.norm(q["next_obs"].numpy() - goals, axis=-1)
+    assert np.median(dist_to_own_goal) > 0.3  # own-task data would end near the goal
