@@ -140,6 +140,9 @@ class Args:
     """Polyak rate of the target critics"""
     alpha: float = 0.2
     """fixed entropy weight"""
+    context_relabel: float = 0.0
+    """a deviation (numpy families): share of the training contexts that are an episode of a random train task's
+    data with the rewards of the context's task, so the aggregator also learns from other behaviours' episodes"""
 
     # evaluation and logging
     eval_draws: int = 3
@@ -364,6 +367,20 @@ class TaskData:
         mask = (t[None] < length[:, None]).float()
         idx = start[:, None] + torch.minimum(t[None], length[:, None] - 1)
         return {k: v[task_rows[:, None], idx] for k, v in self.data.items()}, mask
+
+
+def relabel_contexts(ctx, mask, tasks, data: TaskData, family, share: float, gen):
+    """Replace a share of the context episodes by an episode of a random train task, relabelled with the rewards of
+    the context's own task (``tasks``: rows of ``data``)."""
+    dev = tasks.device
+    other, other_mask = data.episodes(torch.randint(len(data.task_ids), (len(tasks),), generator=gen, device=dev), gen)
+    task_ids = np.broadcast_to(data.task_ids[tasks.cpu().numpy()][:, None], other["rewards"].shape)
+    other["rewards"] = torch.as_tensor(relabel_rewards(family, task_ids, other["obs"].cpu().numpy(),
+                                                       other["actions"].cpu().numpy(), other["next_obs"].cpu().numpy())[0],
+                                       device=dev)
+    pick = torch.rand(len(tasks), device=dev, generator=gen) < share
+    return ({k: torch.where(pick.view(-1, *[1] * (v.dim() - 1)), other[k], v) for k, v in ctx.items()},
+            torch.where(pick[:, None], other_mask, mask))
 
 
 def context_z(e1, e2, batch, mask):
@@ -713,6 +730,8 @@ def main(args: Args):
             tasks = train_rows[torch.randint(len(train_rows), (args.meta_batch,), device=device, generator=gen)]
             batch = data["train"].rows(tasks, args.batch_size, gen)
             ctx, mask = data["train"].episodes(tasks, gen)  # one context episode per sampled task (duplicates differ)
+            if args.context_relabel > 0:  # deviation: some contexts are other tasks' episodes with this task's rewards
+                ctx, mask = relabel_contexts(ctx, mask, tasks, data["train"], family, args.context_relabel, gen)
             stats = sac_update(nets, opts, batch, ctx, mask, args, gen)
             step += 1
             if step % args.log_every == 0:

@@ -225,3 +225,20 @@ def test_relabelled_queries_carry_the_query_tasks_reward_on_other_tasks_transiti
     goals = fam.tasks[data.task_ids[tasks.numpy()]]
     dist_to_own_goal = np.linalg.norm(q["next_obs"].numpy() - goals, axis=-1)
     assert np.median(dist_to_own_goal) > 0.3  # own-task data would end near the goal
+
+
+def test_relabelled_contexts_are_other_episodes_with_the_context_tasks_rewards():
+    from common.data import ensure_dataset
+    from common.envs import make_family, relabel_rewards
+    fam = make_family("PointRobot")
+    data = corro.TaskData(ensure_dataset("PointRobot", "default"), fam.train_idx, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    tasks = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    ctx, mask = data.episodes(tasks, gen)
+    new, new_mask = corro.relabel_contexts(ctx, mask, tasks, data, fam, 1.0, gen)
+    assert not torch.equal(new["obs"], ctx["obs"]) and new_mask.shape == mask.shape
+    r = relabel_rewards(fam, np.repeat(fam.train_idx[:8, None], new["obs"].shape[1], 1), new["obs"].numpy(),
+                        new["actions"].numpy(), new["next_obs"].numpy())[0]
+    np.testing.assert_allclose(new["rewards"].numpy(), r, atol=1e-6)
+    same, _ = corro.relabel_contexts(ctx, mask, tasks, data, fam, 0.0, gen)
+    assert all(torch.equal(same[k], ctx[k]) for k in ctx)
