@@ -36,6 +36,18 @@ Deviations:
   context at once and steps all test tasks in one batched env.
 - Logged beyond the paper: the InfoNCE loss against its chance level ln(1 + N), and a linear probe from z to the
   task parameter (fit on train tasks' episodes, R^2 on test tasks' episodes).
+- Options beyond the paper, off by default, for families whose reward is a known function of (s, a, s') (the numpy
+  families, ``common.envs.relabel_rewards``), because the paper's recipe fails on the project's PointRobot data
+  (measured, README): each task's replay buffer runs from the origin to that task's goal, so (s, a) nearly
+  determines the task. The CVAE then learns a deterministic p(r, s' | s, a) (KL -> 0), its "negatives" equal the
+  query, and InfoNCE sits at ln(1 + N) with a collapsed encoder (as the official code does here). Negatives from
+  the true rewards of other train tasks (``--negatives relabel``, the official ``gt`` type) avoid that but leave a
+  shortcut: a real transition's reward is near the best possible at its own on-path state, a relabelled one is not,
+  so the encoder learns "real or relabelled" and maps every task to nearly the same z.
+  ``--relabel-queries`` removes the shortcut (queries and positives are pooled train transitions carrying the query
+  task's reward); ``--context-relabel F`` lets a share F of the aggregator's training contexts be other tasks'
+  episodes with the context task's rewards (as PEARL's ``--context-relabel``), for robustness to the context's
+  behaviour policy.
 - Not implemented: the RNN encoder, the DQN/grid variant, ``gt`` and ``separate`` relabelling, CQL, the
   supervised-debug head. Continuous actions only.
 """
