@@ -633,8 +633,11 @@ def evaluate(step, nets, data, family, ds, behaviours, args, device, logger):
 
 
 def variant_name(args: Args) -> str:
-    return "corro" + {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives] + \
-        ("-leak" if args.cvae_include_test_tasks else "")
+    """The method label of summary.json: corro plus the flags that change what is learned."""
+    tags = {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives]
+    for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.cvae_include_test_tasks, "-leak")):
+        tags += tag if on else ""
+    return "corro" + tags
 
 
 def make_nets(obs_dim, act_dim, args, device):

@@ -51,6 +51,16 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "MACAW at the paper's sizes on the CPU-sized cheetah dataset (20/10 tasks, skip 7 as the paper), "
                 "30k of the paper's ~1M meta-steps; ~70 min on one shared core",
     },
+    ("corro-relabel-rq", "PointRobot"): {
+        "script": "corro",
+        "preset": "default",
+        "args": ["--negatives", "relabel", "--relabel-queries", "--encoder-steps", "20000", "--eval-every", "2000",
+                 "--no-cuda"],
+        "steps": 60_000,
+        "note": "CORRO with the relabelling options (the paper's CVAE negatives collapse on this data, see README), "
+                "20k of the paper's 200k InfoNCE updates and 60k of its 200k SAC updates; ~45 min per seed on one "
+                "shared core",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.

@@ -193,6 +193,7 @@ def test_main_runs_stages_writes_iid_and_ood_and_resumes_identically(tmp_path, m
     corro.main(corro.Args(total_steps=0, run_dir=str(tmp_path / "leak"), cvae_include_test_tasks=True, **kw))
     np.testing.assert_array_equal(seen[-1], np.arange(50))
     assert corro.variant_name(corro.Args(negatives="reward_noise")) == "corro-rewnoise"
+    assert corro.variant_name(corro.Args(negatives="relabel", relabel_queries=True)) == "corro-relabel-rq"
 
 
 def test_relabel_negatives_are_the_query_transition_in_other_train_tasks():
