@@ -661,6 +661,12 @@ def main(args: Args):
     family = make_family(args.env_id, args.preset)
     if family.discrete:
         raise SystemExit(f"corro.py supports continuous actions only; {args.env_id} is discrete")
+    if args.negatives == "relabel" or args.relabel_queries or args.context_relabel > 0:
+        try:  # the relabelling options need the family's reward as a function of (s, a, s')
+            relabel_rewards(family, family.train_idx[:1], np.zeros((1, family.obs_dim), np.float32),
+                            np.zeros((1, family.act_dim), np.float32), np.zeros((1, family.obs_dim), np.float32))
+        except NotImplementedError as e:
+            raise SystemExit(f"--negatives relabel / --relabel-queries / --context-relabel: {e}")
     run_dir = make_run_dir(args.env_id, "corro", args.seed, args.run_dir)
     check_fresh_run_dir(run_dir, args.resume)
     seed_everything(args.seed)

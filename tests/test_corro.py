@@ -190,6 +190,8 @@ def test_main_runs_stages_writes_iid_and_ood_and_resumes_identically(tmp_path, m
         corro.main(corro.Args(total_steps=40, run_dir=str(tmp_path / "full"), **kw))
     with pytest.raises(SystemExit, match="discrete"):
         corro.main(corro.Args(env_id="GridNavi", preset="borel", run_dir=str(tmp_path / "grid"), **kw))
+    with pytest.raises(SystemExit, match="relabel"):  # MuJoCo rewards cannot be recomputed from (s, a, s')
+        corro.main(corro.Args(env_id="HalfCheetahVel", preset="cpu", negatives="relabel", run_dir=str(tmp_path / "hc"), **kw))
     corro.main(corro.Args(total_steps=0, run_dir=str(tmp_path / "leak"), cvae_include_test_tasks=True, **kw))
     np.testing.assert_array_equal(seen[-1], np.arange(50))
     assert corro.variant_name(corro.Args(negatives="reward_noise")) == "corro-rewnoise"
