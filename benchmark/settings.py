@@ -61,6 +61,20 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "20k of the paper's 200k InfoNCE updates and 60k of its 200k SAC updates; ~45 min per seed on one "
                 "shared core",
     },
+    ("borel", "GridNavi"): {
+        "preset": "borel",
+        "args": ["--eval-every", "2500", "--no-cuda"],
+        "steps": 50_000,
+        "note": "BOReL at the paper's sizes (VAE 100 epochs, DQN 64x2, 16 tasks x 256), 50k of the paper's 250k DQN "
+                "updates (spec §9: 200 x 250); ~30 min per seed on one shared core",
+    },
+    ("borel-norelabel", "GridNavi"): {
+        "script": "borel",
+        "preset": "borel",
+        "args": ["--no-relabel", "--eval-every", "2500", "--no-cuda"],
+        "steps": 50_000,
+        "note": "the paper's ablation: the VAE trained without reward relabelling; otherwise as borel/GridNavi",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.
