@@ -693,6 +693,7 @@ def main(args: Args):
         print(f"eval step 0: " + " | ".join(f"{key[5:]} {v:.2f}" for key, v in scalars.items()), flush=True)
     start_step, last, tasks = step, {}, None
     n_tasks = len(data.task_ids)
+    t_rl = time.time()  # SPS and ETA of the RL stage, not counting the VAE stage
     while step < args.total_steps:
         t0 = time.time()
         n_block = min(args.eval_every - step % args.eval_every, args.total_steps - step)
@@ -709,7 +710,7 @@ def main(args: Args):
                 extra = {"Q": last.get("q/mean", float("nan"))}
                 if scalars:
                     extra |= {"test_sum": scalars["eval/B_test_sum"], "test_ep1": scalars["eval/B_test_ep1"]}
-                print_progress(step, args.total_steps, t_start, extra, start_step)
+                print_progress(step, args.total_steps, t_rl, extra, start_step)
         train_time += time.time() - t0
         if step % args.eval_every == 0 or step == args.total_steps:
             res, scalars = evaluate(step, nets, vae, family, ds, k, args, device, logger)
