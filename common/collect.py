@@ -85,6 +85,10 @@ RECIPES = {
     "GridNavi": dict(algo="dqn", hidden=32, layers=2, lr=1e-3, batch=128, tau=0.01, gamma=0.9,
                      eps_start=1.0, eps_end=0.05, init_episodes=10, iterations=100, episodes_per_iter=5,
                      updates_per_iter=20, cpu_sized=True),
+    # BOReL's grid data: 10 random + 100 x 5 rollouts of 4 episodes per task (30.6k transitions per task)
+    ("GridNavi", "borel"): dict(algo="dqn", hidden=32, layers=2, lr=1e-3, batch=128, tau=0.01, gamma=0.9,
+                                eps_start=1.0, eps_end=0.05, init_episodes=40, iterations=100, episodes_per_iter=20,
+                                updates_per_iter=20, cpu_sized=True),
     # CPU-sized cheetah-vel: smaller nets, lr 1e-3 and a tuned per-task alpha learn in ~30k updates where the
     # BOReL/CORRO recipe (128x2, lr 3e-4, alpha 0.2) is still standing still after 12k; the learner does not
     # see the unbounded torso x (obs entry 17), which the dataset keeps.

@@ -192,7 +192,8 @@ def test_quality_slices(tiny):
 
 def test_ensure_dataset_builds_a_missing_default(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(collect.RECIPES, "GridNavi", dict(collect.RECIPES["GridNavi"], iterations=2, updates_per_iter=2))
+    key = ("GridNavi", "borel")
+    monkeypatch.setitem(collect.RECIPES, key, dict(collect.recipe_for(*key), iterations=2, updates_per_iter=2))
     ds = ensure_dataset("GridNavi", "borel", seed=0)
     assert "building it now" in capsys.readouterr().out
     assert (tmp_path / "datasets" / "GridNavi__borel__s0.npz").exists()
