@@ -9,6 +9,10 @@ by (env, preset, method) and reports, per evaluation mode, the test return as me
 time, mean updates/s and the machine. Reference rows (random, task-agnostic, oracle, dataset behaviour,
 dataset best) come from ``{references}/{env}__{preset}.json`` (``python -m common.baselines``).
 
+Method rows of the previous ``{out}/results.csv`` whose (env, preset, method) has no run under the run roots
+are kept as they are (runs measured in another session or on another machine stay until re-measured); a
+group found under the run roots replaces its old rows.
+
 The markdown table replaces whatever sits between ``<!-- results:start -->`` and
 ``<!-- results:end -->`` in the README; the rest of the file is left as it was.
 
@@ -68,13 +72,32 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else None
 
 
-def result_rows(groups: dict, ref_dir) -> list[dict]:
+def kept_rows(csv_path, groups: dict) -> list[dict]:
+    """Method rows of an earlier results.csv whose (env, preset, method) has no run in ``groups``."""
+    path = Path(csv_path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        old = [r for r in csv.DictReader(f) if r.get("seeds")]  # reference rows are rebuilt, not kept
+    num = {"test_mean": float, "test_std": float, "train_mean": float, "seeds": int, "wall_time_s": float,
+           "updates_per_s": float}
+    return [{k: (num[k](v) if k in num and v != "" else None if k in num else v) for k, v in r.items()}
+            for r in old if (r["env"], r["preset"], r["method"]) not in groups]
+
+
+def result_rows(groups: dict, ref_dir, kept: list[dict] = ()) -> list[dict]:
     """One row per (env, preset, method, mode), then the reference rows of each (env, preset)."""
     env_order = {e: i for i, e in enumerate(REFERENCE_ENVS)}
     rows = []
-    envs = sorted({k[:2] for k in groups}, key=lambda e: (env_order.get(e, len(env_order)), e))
+    envs = {k[:2] for k in groups} | {(r["env"], r["preset"]) for r in kept}
+    envs = sorted(envs, key=lambda e: (env_order.get(e, len(env_order)), e))
     for env, preset in envs:
-        for method in sorted(m for e, p, m in groups if (e, p) == (env, preset)):
+        methods = {m for e, p, m in groups if (e, p) == (env, preset)}
+        methods |= {r["method"] for r in kept if (r["env"], r["preset"]) == (env, preset)}
+        for method in sorted(methods):
+            if (env, preset, method) not in groups:
+                rows += [r for r in kept if (r["env"], r["preset"], r["method"]) == (env, preset, method)]
+                continue
             runs = [s for _, s in groups[(env, preset, method)]]
             for mode in sorted({m for s in runs for m in s["eval"]}):
                 test = [s["eval"][mode]["test"] for s in runs if mode in s["eval"]]
@@ -198,8 +221,8 @@ def main(argv=None) -> int:
     if not groups:
         print(f"no summary.json under {', '.join(a.run_root)}; nothing to report")
         return 1
-    rows = result_rows(groups, a.references)
     out = Path(a.out)
+    rows = result_rows(groups, a.references, kept_rows(out / "results.csv", groups))
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows)
     table = markdown_table(rows)

@@ -68,6 +68,13 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "BOReL at the paper's sizes (VAE 100 epochs, DQN 64x2, 16 tasks x 256), 50k of the paper's 250k DQN "
                 "updates (spec §9: 200 x 250); ~30 min per seed on one shared core",
     },
+    ("borel", "PointRobot"): {
+        "preset": "default",
+        "args": ["--eval-every", "2000", "--no-cuda"],
+        "steps": 30_000,
+        "note": "BOReL on the shared PointRobot dataset (k = 1 episode of 20 steps): VAE 100 epochs, SAC 128x2, "
+                "gamma 0.9, alpha 0.01; 30k of the paper's 5M SAC updates",
+    },
     ("borel-norelabel", "GridNavi"): {
         "script": "borel",
         "preset": "borel",

@@ -78,6 +78,19 @@ def test_report_table_csv_and_plot(bench):
     assert bench["readme"].read_text() == text
 
 
+def test_report_keeps_rows_of_runs_measured_elsewhere(bench, tmp_path):
+    argv = ["--readme", str(bench["readme"]), "--out", str(bench["out"]), "--references", str(bench["refs"])]
+    assert report.main(["--run-root", str(bench["root"]), *argv]) == 0
+    # a later session holds only a new run of alpha: beta's rows stay, alpha's are replaced
+    other = tmp_path / "other"
+    fake_run(other / "a3", "alpha", 3, -1.0, -1.0, [(100, -1.0)])
+    assert report.main(["--run-root", str(other), *argv]) == 0
+    rows = [line for line in bench["readme"].read_text().splitlines() if line.startswith("| PointRobot")]
+    assert rows[0] == "| PointRobot | default | alpha | A | -1.00 ± 0.00 | -1.00 | 1 | 200 | 0:03:00 | 30.0 | test-box |"
+    assert rows[1] == "| PointRobot | default | beta | A | 2.50 ± 1.50 |  | 2 | 200 | 0:01:30 | 15.0 | test-box |"
+    assert [r.split(" | ")[2] for r in rows[2:]] == ["random", "oracle"]  # references rebuilt once, not kept twice
+
+
 def test_report_needs_markers(bench):
     bench["readme"].write_text("# no markers\n")
     with pytest.raises(SystemExit, match="results:start"):
