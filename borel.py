@@ -36,7 +36,8 @@ Deviations (and fixes of the official defects, spec borel.md §8):
   input is [s, mu, log sigma^2] without it. Targets bootstrap across episode boundaries into the next episode's
   start, as in a BAMDP.
 - The project's datasets hold single episodes of per-task agents (episodes_per_task = 1 at collection); rollouts
-  are k consecutive episodes of a task. The data agents are plain per-task RL agents, as in the paper.
+  are k consecutive episodes of a task. The data agents are plain per-task RL agents, as in the paper
+  (GridNavi/borel: 2040 episodes = 510 rollouts of 4 per task, the paper's 30.6k transitions).
 - With ``--goal-terminal`` (default, as the official code: its stored "terminal" is "agent on the goal") reaching the
   goal region ends the bootstrap in the grid and the sparse point robot; dense families use the dataset terminals.
 - RR mixes once, from the unmixed data, with a seeded RNG (official: in place, so sources may be mixed already;
