@@ -66,14 +66,14 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "args": ["--eval-every", "2500", "--no-cuda"],
         "steps": 250_000,
         "note": "BOReL at the paper's sizes and budget (30.6k transitions per task, VAE 100 epochs = 19.2k updates, "
-                "DQN 64x2, 16 tasks x 256, 1000 x 250 DQN updates); ~45 min per seed on one shared core",
+                "DQN 64x2, 16 tasks x 256, 1000 x 250 DQN updates); ~55 min per seed on one shared core",
     },
     ("borel", "PointRobot"): {
         "preset": "default",
         "args": ["--eval-every", "2000", "--no-cuda"],
         "steps": 30_000,
         "note": "BOReL on the shared PointRobot dataset (k = 1 episode of 20 steps): VAE 100 epochs, SAC 128x2, "
-                "gamma 0.9, alpha 0.01; 30k of the paper's 5M SAC updates",
+                "gamma 0.9, alpha 0.01; 30k of the paper's 5M SAC updates; ~47 min on one shared core",
     },
     ("borel-norelabel", "GridNavi"): {
         "script": "borel",
