@@ -3,21 +3,24 @@ probabilities (softmax over cells of the belief mean) at the end of episode 1.
 
     python benchmark/borel_grid_belief.py runs/benchmark/GridNavi__borel__s1
 
-Printed grids: rows y = 4 (top) to 0, columns x = 0 to 4, percent."""
+Printed grids: rows y from the top down, columns x from the left, percent."""
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import borel
 from common.envs import make_family
 torch.set_num_threads(1)
 run = sys.argv[1]
 st = torch.load(f"{run}/checkpoint.pt", map_location="cpu", weights_only=False)
 args = borel.resolve_args(borel.Args(**{k: v for k, v in st["args"].items() if k in borel.Args.__dataclass_fields__}))
-fam = make_family(args.env_id, args.preset); k = fam.episodes_per_task; H = fam.horizon
+fam = make_family(args.env_id, args.preset); k = fam.episodes_per_task; H = fam.horizon; n = fam.config["size"]
 vae, nets, _ = borel.make_nets(fam, args, k, "cpu")
-vae.load_state_dict(st["vae"]); [n.load_state_dict(st["nets"][key]) for key, n in nets.items()]
+vae.load_state_dict(st["vae"])
+for key, net in nets.items():
+    net.load_state_dict(st["nets"][key])
 ids = fam.test_idx
 venv = fam.make_vec_env(ids, 1, seed=3); B = venv.num_envs
 h = torch.zeros(1, B, vae.gru.hidden_size)
@@ -38,4 +41,4 @@ with torch.no_grad():
 for i in (0, 8, 12):  # a border goal and interior ones
     g = tuple(int(v) for v in fam.tasks[ids[i]])
     print("goal", g, "visited in ep1:", sorted(visited[i]))
-    print((p[i].reshape(5, 5) * 100).round(0).T[::-1])  # rows: y from 4 down to 0, columns x
+    print((p[i].reshape(n, n) * 100).round(0).T[::-1])  # rows: y from 4 down to 0, columns x

@@ -75,6 +75,8 @@ class Args:
 # default for the other MuJoCo families) needs a GPU: ``python -m common.collect --env-id ... --cuda``.
 _POINT = dict(algo="sac", hidden=32, layers=2, lr=3e-4, batch=128, tau=0.005, gamma=0.9, alpha=0.01,
               init_episodes=10, iterations=100, episodes_per_iter=2, updates_per_iter=100, cpu_sized=True)
+_GRID = dict(algo="dqn", hidden=32, layers=2, lr=1e-3, batch=128, tau=0.01, gamma=0.9, eps_start=1.0, eps_end=0.05,
+             init_episodes=10, iterations=100, episodes_per_iter=5, updates_per_iter=20, cpu_sized=True)
 _MUJOCO = dict(algo="sac", hidden=128, layers=2, lr=3e-4, batch=256, tau=0.005, gamma=0.99, alpha=0.2,
                init_episodes=50, iterations=500, episodes_per_iter=2, updates_per_iter=200)
 RECIPES = {
@@ -82,13 +84,9 @@ RECIPES = {
     "SparsePointRobot": _POINT,
     ("SparsePointRobot", "borel"): dict(_POINT, iterations=150, updates_per_iter=60),
     "PointRobotWind": _POINT,
-    "GridNavi": dict(algo="dqn", hidden=32, layers=2, lr=1e-3, batch=128, tau=0.01, gamma=0.9,
-                     eps_start=1.0, eps_end=0.05, init_episodes=10, iterations=100, episodes_per_iter=5,
-                     updates_per_iter=20, cpu_sized=True),
-    # BOReL's grid data: 10 random + 100 x 5 rollouts of 4 episodes per task (30.6k transitions per task)
-    ("GridNavi", "borel"): dict(algo="dqn", hidden=32, layers=2, lr=1e-3, batch=128, tau=0.01, gamma=0.9,
-                                eps_start=1.0, eps_end=0.05, init_episodes=40, iterations=100, episodes_per_iter=20,
-                                updates_per_iter=20, cpu_sized=True),
+    "GridNavi": _GRID,
+    # BOReL's grid data, 10 random + 100 x 5 rollouts of 4 episodes per task, counted in single episodes
+    ("GridNavi", "borel"): dict(_GRID, init_episodes=40, episodes_per_iter=20),
     # CPU-sized cheetah-vel: smaller nets, lr 1e-3 and a tuned per-task alpha learn in ~30k updates where the
     # BOReL/CORRO recipe (128x2, lr 3e-4, alpha 0.2) is still standing still after 12k; the learner does not
     # see the unbounded torso x (obs entry 17), which the dataset keeps.
