@@ -61,6 +61,23 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "20k of the paper's 200k InfoNCE updates and 60k of its 200k SAC updates; ~45 min per seed on one "
                 "shared core",
     },
+    ("smac", "PointRobot"): {
+        "preset": "default",
+        "args": ["--eval-every", "1000", "--online-iterations", "10", "--online-updates", "500",
+                 "--online-eval-every", "5", "--no-cuda"],
+        "steps": 10_000,
+        "note": "SMAC at the paper's sizes (nets 3x300, encoder 3x200, meta-batch 4 x 128), KL 0.001 (the point-robot "
+                "override), 10k of the paper's 50k offline steps, then 10 of 51 self-supervised iterations x 500 of "
+                "16,000 updates (5k reward-free env steps); ~30 min per seed on one shared core",
+    },
+    ("smac-oracle", "PointRobot"): {
+        "script": "smac",
+        "preset": "default",
+        "args": ["--oracle-rewards", "--eval-every", "1000", "--online-iterations", "10", "--online-updates", "500",
+                 "--online-eval-every", "5", "--no-cuda"],
+        "steps": 10_000,
+        "note": "as smac/PointRobot with true rewards in the online phase (the paper's online oracle)",
+    },
     ("borel", "GridNavi"): {
         "preset": "borel",
         "args": ["--eval-every", "2500", "--no-cuda"],
