@@ -78,6 +78,16 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "steps": 10_000,
         "note": "as smac/PointRobot with true rewards in the online phase (the paper's online oracle)",
     },
+    ("smac-relabel", "PointRobot"): {
+        "script": "smac",
+        "preset": "default",
+        "args": ["--relabel-offline", "all", "--beta", "1", "--kl-lambda", "0.01", "--eval-every", "1000",
+                 "--online-iterations", "10", "--online-updates", "500", "--online-eval-every", "5", "--no-cuda"],
+        "steps": 10_000,
+        "note": "as smac/PointRobot with every train task's buffer holding all train tasks' rows relabelled with its "
+                "rewards (the official, unused relabel_offline_dataset), AWR beta 1 (100 imitates the other tasks' "
+                "actions) and KL 0.01; ~30 min per seed on one shared core",
+    },
     ("borel", "GridNavi"): {
         "preset": "borel",
         "args": ["--eval-every", "2500", "--no-cuda"],
