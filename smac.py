@@ -58,13 +58,14 @@ Deviations:
 - Phase 2 draws its 5 tasks per iteration without replacement. Evaluation: mode A (offline context of the test
   task, ``eval_context_draws`` draws, z resampled every step from the posterior; the paper's
   ``init_from_buffer`` diagnostic, here on test tasks too) beside mode B.
+- ``--bf16``: optional autocast of the hidden layers (weights, optimisers, output layers, posterior and KL in
+  fp32); off by default and not used in the measured runs.
 - Not implemented: the recurrent encoder, debug flags, automatic beta, BRAC/BC terms, fake tasks, video.
   Discrete action spaces (GridNavi) are not supported.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
