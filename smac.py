@@ -66,6 +66,7 @@ Deviations:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -82,7 +83,7 @@ import tyro
 from common.data import TaskBatchSampler, ensure_dataset, sample_context
 from common.envs import canonical_env_id, default_preset, make_family, relabel_rewards
 from common.evaluation import per_task_mean, run_episodes
-from common.runs import (Logger, check_fresh_run_dir, load_checkpoint, machine_info, make_run_dir, pick_device,
+from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir, pick_device,
                          print_progress, save_checkpoint, seed_everything, write_summary)
 
 
@@ -424,11 +425,12 @@ class TaskData:
         u = torch.rand(len(rows), n, device=n_off.device, generator=generator, dtype=torch.float64)
         idx = (u * total).long()  # float64: enough bits to index large buffers evenly
         r = rows[:, None].expand(-1, n)
+        i_off = idx.minimum(n_off - 1)  # offline index (rows drawn from the appended part are replaced below)
         if self.relabel is None:
-            src, m = r, idx.minimum(n_off - 1)
+            src, m = r, i_off
         else:  # union index -> (source task, row)
-            src = (torch.searchsorted(self.start, idx.minimum(n_off - 1), right=True) - 1)
-            m = idx.minimum(n_off - 1) - self.start[src]
+            src = torch.searchsorted(self.start, i_off, right=True) - 1
+            m = i_off - self.start[src]
         out = {k: v[src, m] for k, v in self.off.items()}
         if self.relabel is not None:
             out["rewards"] = self.relabel[r, src, m]
@@ -723,7 +725,7 @@ def main(args: Args):
         torch.set_rng_state(state["torch_rng"])
         rl_buf.load_state_dict(state["rl_buf"])
         if ctx_buf is not rl_buf:  # a shared-buffer checkpoint: the context buffer starts as a copy of it
-            ctx_buf.load_state_dict(state["ctx_buf"] or {k: v.clone() for k, v in state["rl_buf"].items()})
+            ctx_buf.load_state_dict(state["ctx_buf"] or copy.deepcopy(state["rl_buf"]))
         print(f"resumed {ckpt_path} at step {step}, online iteration {it}", flush=True)
     logger = Logger(run_dir, {**vars(args), "run_dir": str(run_dir)})
     total = args.total_steps + args.online_iterations * args.online_updates
@@ -771,22 +773,23 @@ def main(args: Args):
                 print_progress(step, total, t_start, extra, start_step)
         train_time += time.time() - t0
 
-    def record(res):
-        return {m: {"test": float(res["test"][m].mean()), "train": float(res["train"][m].mean()),
-                    "test_per_task": res["test"][m].tolist()} for m in ("A", "B")} | {
-            "B_per_episode_test": res["test"]["B_all"].tolist()}
+    def record(res):  # summary.json's eval modes A and B
+        return {m: eval_entry(res["test"][m], res["train"][m]) for m in ("A", "B")}
+
+    def record_phase1(res):  # kept in the checkpoint, so written before the Phase-1 checkpoint
+        return record(res) | {"B_per_episode_test": res["test"]["B_all"].tolist()}
 
     t_start, start_step = time.time(), step
     res = do_eval() if step == 0 else None
     if step == args.total_steps == 0:
-        phase1_res = record(res)
+        phase1_res = record_phase1(res)
     # ---- Phase 1: offline meta-training ----
     while step < args.total_steps:
         train_block(min(args.eval_every - step % args.eval_every, args.total_steps - step), False, args.batch_size)
         if step % args.eval_every == 0 or step == args.total_steps:
             res = do_eval()
             if step == args.total_steps:
-                phase1_res = record(res)
+                phase1_res = record_phase1(res)
             checkpoint()
 
     # ---- Phase 2: self-supervised online meta-training (encoder and decoder frozen) ----
@@ -811,8 +814,7 @@ def main(args: Args):
     if res is None:  # resumed a finished run: evaluate once more for the summary
         res = do_eval()
     ups = step / max(train_time, 1e-9)
-    ev = {m: {"test": float(res["test"][m].mean()), "train": float(res["train"][m].mean()),
-              "test_per_task": res["test"][m].tolist()} for m in ("A", "B")}
+    ev = record(res)
     if args.online_iterations > 0:  # the Phase-1 model beside the final one
         ev |= {f"{m}_offline": phase1_res[m] for m in ("A", "B")}
     write_summary(run_dir, method=variant_name(args), env_id=args.env_id, preset=args.preset, seed=args.seed,

@@ -287,6 +287,24 @@ def test_main_runs_both_phases_writes_summary_and_resume_continues_identically(t
         smac.main(smac.Args(online_iterations=2, run_dir=str(tmp_path / "full"), **kw))
 
 
+def test_a_shared_buffer_checkpoint_resumes_with_a_separate_context_buffer(tmp_path):
+    """Phase-2 flags are not in the checkpoint's meta, so a shared-buffer run may continue with --context-buffer
+    separate: its context buffer then starts as a copy of the appended rows."""
+    kw = dict(net_size=16, encoder_size=16, decoder_size=8, cuda=False, total_steps=10, eval_every=10,
+              online_updates=5, print_every=1000, log_every=10, eval_context_draws=1, num_evals=1,
+              num_tasks_sample=2, run_dir=str(tmp_path / "r"))
+    smac.main(smac.Args(online_iterations=1, context_buffer="shared", **kw))
+    shared = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert shared["ctx_buf"] is None and int(shared["rl_buf"]["new_counts"].sum()) == 2 * 100
+    smac.main(smac.Args(online_iterations=2, context_buffer="separate", resume=True, **kw))
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    # iteration 2 added 2 tasks x 100 rows to the RL buffer and only their 2 x 40 prior-z rows to the context one
+    assert int(state["rl_buf"]["new_counts"].sum()) == 400
+    assert int(state["ctx_buf"]["new_counts"].sum()) == 200 + 80
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["extra"]["online_iterations"] == 2 and summary["extra"]["reward_free_env_steps"] == 400
+
+
 def test_discrete_families_are_refused_and_variant_names(tmp_path):
     with pytest.raises(SystemExit, match="continuous actions only"):
         smac.main(smac.Args(env_id="GridNavi", cuda=False, run_dir=str(tmp_path / "g")))
