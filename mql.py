@@ -59,6 +59,11 @@ Deviations:
 - Online mode: the ``num_tasks_sample`` episodes of an iteration are collected in lockstep before the updates
   (official: updates, then collection); cold-start episodes are cut at horizon / 4 as in the official code;
   no learning-rate decay (off in every official command); the replay FIFO drops whole oldest episodes.
+- ``--relabel F`` (offline, off by default; numpy families, whose reward is a function of s'): a share F of the
+  meta-training rows gets the rewards of a random train task for the transition and both of its histories (the whole
+  episode is relabelled), BOReL's reward relabelling applied to MQL's pool. Why: each task's offline episodes follow
+  its own learner to its own goal, so a GRU can tell the task from the states alone, while at test time the agent's
+  own early states are the same in every task and only the rewards differ.
 - Train tasks are evaluated zero-shot only (adaptation is per test task and costs n + m TD3 steps).
 """
 
@@ -144,7 +149,7 @@ class Args:
     """evaluate after adaptation (modes A and B) as well as zero-shot"""
     adapt_every: int | None = None
     """gradient steps between evaluations with adaptation (each costs ~2 x m steps on sample_mult x larger batches
-    per test task); default: every evaluation. The final evaluation always adapts (with --adapt)"""
+    per test task; not at step 0); default: every evaluation. The final evaluation always adapts (with --adapt)"""
     snap_iter_nums: int | None = None
     """n, stage-1 TD3 steps on D_new alone"""
     main_snap_iter_nums: int | None = None
@@ -582,8 +587,8 @@ def adapt(meta_nets, d_new: Transitions, n_tasks: int, pool: Transitions, pool_i
         phi_pos = classifier_features(nets["actor"], d_new.obs[pos_idx], pos_h, args.beta_obs_cxt)
         k_neg = L // n_train + 2
         order, ptr = pool_index
-        neg_idx = sample_task_rows(order, ptr, torch.arange(n_train, device=dev), k_neg, generator)  # (n_train, k)
-        neg_idx = neg_idx.flatten()[None].expand(T, -1)
+        train_rows = torch.arange(n_train, device=dev)[None].expand(T, -1)
+        neg_idx = sample_task_rows(order, ptr, train_rows, k_neg, generator).reshape(T, -1)  # (T, n_train * k)
         neg_h, _ = pool.histories(neg_idx, H)
         phi_neg = classifier_features(nets["actor"], pool.obs[neg_idx], neg_h, args.beta_obs_cxt)
         X = torch.cat([phi_pos, phi_neg], 1)
@@ -631,8 +636,10 @@ def rollout(actor, family, task_ids, n_per_task: int, n_episodes: int, H: int, s
             generator=None, record: bool = False, horizon: int | None = None, np_rng=None):
     """Episodes with the running in-episode history (zero-padded window of H entries) as context, reset at every
     episode; ``actor=None`` takes uniform random actions from ``np_rng``, ``horizon`` cuts the episodes (time-outs).
-    Returns returns [envs, episodes], successes, and (record) the transitions of the envs as a Transitions
-    (task = the env's index in task_ids, episodes in order, alive steps only)."""
+    Returns returns [envs, episodes], successes, and (record, one episode) the transitions of the envs as a
+    Transitions (task = the env's index in task_ids, alive steps only)."""
+    if record and n_episodes != 1:
+        raise ValueError("rollout(record=True) records one episode")
     venv = family.make_vec_env(task_ids, n_per_task, seed=seed)
     if horizon is not None:
         venv.horizon = min(horizon, venv.horizon)  # the batched envs truncate at their own ``horizon``
@@ -664,20 +671,15 @@ def rollout(actor, family, task_ids, n_per_task: int, n_episodes: int, H: int, s
     ret, succ = run_episodes(venv, act, n_episodes, observe=observe)
     if not record:
         return ret, succ, None
-    # steps are recorded episode after episode; regroup per env (its episodes in order), alive steps only
-    fields = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminals": [], "step": [], "task": []}
-    steps_per_ep = len(rec) // n_episodes
-    for b in range(B):
-        for ep in range(n_episodes):
-            chunk = [s for s in rec[ep * steps_per_ep:(ep + 1) * steps_per_ep] if s[5][b]]
-            fields["obs"] += [s[0][b] for s in chunk]
-            fields["actions"] += [s[1][b] for s in chunk]
-            fields["rewards"] += [s[2][b] for s in chunk]
-            fields["next_obs"] += [s[3][b] for s in chunk]
-            fields["terminals"] += [float(s[4][b]) for s in chunk]
-            fields["step"] += list(range(len(chunk)))
-            fields["task"] += [b // n_per_task] * len(chunk)
-    return ret, succ, transitions_from_arrays({k: np.asarray(v) for k, v in fields.items()}, fields["task"], device)
+    fields = {k: [] for k in ("obs", "actions", "rewards", "next_obs", "terminals", "step", "task")}
+    for b in range(B):  # regroup the lockstep steps per env, alive steps only (record: one episode)
+        chunk = [s for s in rec if s[5][b]]
+        for k, j in (("obs", 0), ("actions", 1), ("rewards", 2), ("next_obs", 3), ("terminals", 4)):
+            fields[k] += [s[j][b] for s in chunk]
+        fields["step"] += list(range(len(chunk)))
+        fields["task"] += [b // n_per_task] * len(chunk)
+    arrays = {k: np.asarray(v, np.float32) for k, v in fields.items()}
+    return ret, succ, transitions_from_arrays(arrays, fields["task"], device)
 
 
 def evaluate(step, nets, ds, pool, pool_index, family, args, device, logger, adapt_now=True):
@@ -818,7 +820,7 @@ def main(args: Args):
 
     def do_eval():
         adapt_now = (step == args.total_steps or args.adapt_every is None
-                     or (args.adapt_every > 0 and step % args.adapt_every == 0))
+                     or (args.adapt_every > 0 and step > 0 and step % args.adapt_every == 0))
         res, st = evaluate(step, nets, ds, pool, pool.task_index(n_train), family, args, device, logger, adapt_now)
         history.append({"step": step} | {k: float(v.mean()) for k, v in res.items()})
         print(f"eval step {step}: test zero-shot {res['zero_shot'].mean():.3f}"
@@ -870,7 +872,7 @@ def main(args: Args):
             step += 1
             if step % args.log_every == 0:
                 last |= {k: float(v) for k, v in stats.items()}
-                logger.log_scalars(step, last | {"perf/updates_per_s": (step - start_step) / max(train_time + time.time() - t0 - 0, 1e-9),
+                logger.log_scalars(step, last | {"perf/updates_per_s": step / max(train_time + time.time() - t0, 1e-9),
                                                  "perf/env_steps": env_steps})
             if step % args.print_every == 0:
                 extra = {"Q": last.get("q/mean", float("nan")), "loss_q": last.get("loss/q", float("nan"))}

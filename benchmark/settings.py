@@ -88,6 +88,22 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "rewards (the official, unused relabel_offline_dataset), AWR beta 1 (100 imitates the other tasks' "
                 "actions) and KL 0.01; ~30 min per seed on one shared core",
     },
+    ("mql", "PointRobot"): {
+        "preset": "default",
+        "args": ["--eval-every", "2500", "--adapt-every", "20000", "--no-cuda"],
+        "steps": 40_000,
+        "note": "MQL at the paper's sizes (actor/critics 300x300, GRU 15, H 10, batch 256, lr 1e-3), 40k TD3 updates "
+                "(spec §9: 20k-40k); adaptation (n 10, m 100 on 5 x 256 rows per test task) evaluated at 0, 20k and "
+                "40k, zero-shot every 2.5k; ~25 min per seed on one shared core",
+    },
+    ("mql-relabel", "PointRobot"): {
+        "script": "mql",
+        "preset": "default",
+        "args": ["--relabel", "1.0", "--eval-every", "2500", "--adapt-every", "20000", "--no-cuda"],
+        "steps": 40_000,
+        "note": "as mql/PointRobot with every meta-training episode relabelled with a random train task's rewards "
+                "(transition and histories), so only rewards identify the task; ~25 min per seed on one shared core",
+    },
     ("borel", "GridNavi"): {
         "preset": "borel",
         "args": ["--eval-every", "2500", "--no-cuda"],
