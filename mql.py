@@ -576,7 +576,6 @@ def adapt(meta_nets, d_new: Transitions, n_tasks: int, pool: Transitions, pool_i
     new_order, new_ptr = d_new.task_index(T)
     new_len = new_ptr[1:] - new_ptr[:-1]
     L = int(new_len.max())
-    tasks = torch.arange(T, device=dev)
 
     # ALGO LOGIC: propensity classifier, D_new (-1) against floor(|D_new| / n_train) + 2 rows of every train task (+1)
     with torch.no_grad():
