@@ -104,6 +104,15 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "as mql/PointRobot with every meta-training episode relabelled with a random train task's rewards "
                 "(transition and histories), so only rewards identify the task; ~25 min per seed on one shared core",
     },
+    ("mql-online", "PointRobot"): {
+        "script": "mql",
+        "preset": "default",
+        "args": ["--online", "--eval-every", "2500", "--adapt-every", "20000", "--no-cuda"],
+        "steps": 40_000,
+        "note": "the paper's online MQL loop (random cold start of 10k steps, then 5 exploration episodes and 100 updates "
+                "per iteration), no dataset in training (mode A still draws its D_new from the test tasks' data); "
+                "40k updates = 50k env steps; ~25 min per seed on one shared core",
+    },
     ("borel", "GridNavi"): {
         "preset": "borel",
         "args": ["--eval-every", "2500", "--no-cuda"],
