@@ -349,17 +349,10 @@ class Transitions:
 
     FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals", "step", "task")
 
-    def __init__(self, obs, actions, rewards, next_obs, terminals, step, task, capacity=None):
-        n = len(obs)
-        cap = max(n, capacity or n)
-        src = dict(obs=obs, actions=actions, rewards=rewards, next_obs=next_obs, terminals=terminals, step=step,
-                   task=task)
-        self.data = {}
-        for k, v in src.items():
-            buf = torch.zeros((cap, *v.shape[1:]), dtype=v.dtype, device=v.device)
-            buf[:n] = v
-            self.data[k] = buf
-        self.n = n
+    def __init__(self, obs, actions, rewards, next_obs, terminals, step, task):
+        self.data = dict(obs=obs, actions=actions, rewards=rewards, next_obs=next_obs, terminals=terminals, step=step,
+                         task=task)
+        self.n = len(obs)
         self._refresh()
 
     def _refresh(self):
@@ -632,11 +625,11 @@ def adapt(meta_nets, d_new: Transitions, n_tasks: int, pool: Transitions, pool_i
 
 
 def rollout(actor, family, task_ids, n_per_task: int, n_episodes: int, H: int, seed: int, device, noise: float = 0.0,
-            generator=None, record: bool = False, horizon: int | None = None, np_rng=None):
+            generator=None, record: bool = False, horizon: int | None = None, np_rng=None, task_labels=None):
     """Episodes with the running in-episode history (zero-padded window of H entries) as context, reset at every
     episode; ``actor=None`` takes uniform random actions from ``np_rng``, ``horizon`` cuts the episodes (time-outs).
     Returns returns [envs, episodes], successes, and (record, one episode) the transitions of the envs as a
-    Transitions (task = the env's index in task_ids, alive steps only)."""
+    Transitions (task = task_labels[the env's index in task_ids], default the index itself; alive steps only)."""
     if record and n_episodes != 1:
         raise ValueError("rollout(record=True) records one episode")
     venv = family.make_vec_env(task_ids, n_per_task, seed=seed)
@@ -676,12 +669,12 @@ def rollout(actor, family, task_ids, n_per_task: int, n_episodes: int, H: int, s
         for k, j in (("obs", 0), ("actions", 1), ("rewards", 2), ("next_obs", 3), ("terminals", 4)):
             fields[k] += [s[j][b] for s in chunk]
         fields["step"] += list(range(len(chunk)))
-        fields["task"] += [b // n_per_task] * len(chunk)
+        fields["task"] += [b // n_per_task if task_labels is None else task_labels[b // n_per_task]] * len(chunk)
     arrays = {k: np.asarray(v, np.float32) for k, v in fields.items()}
     return ret, succ, transitions_from_arrays(arrays, fields["task"], device)
 
 
-def evaluate(step, nets, ds, pool, pool_index, family, args, device, logger, adapt_now=True):
+def evaluate(step, nets, ds, pool, family, args, device, logger, adapt_now=True):
     """Zero-shot, mode A (adapted on an offline trajectory) and mode B (adapted on the meta-policy's own episode)
     on the test tasks; zero-shot on the first n_train_eval_tasks train tasks. Logs metrics.csv rows."""
     seed = 10_000 * args.seed + step % 9973
@@ -697,6 +690,7 @@ def evaluate(step, nets, ds, pool, pool_index, family, args, device, logger, ada
     res["zero_shot_train"] = per_task_mean(tr[:, 0], n_ev)
     logger.log_eval(step, "zero_shot", "train", train_ids, res["zero_shot_train"], per_task_mean(tr_succ[:, 0], n_ev) > 0.5)
     if args.adapt and adapt_now:
+        pool_index = pool.task_index(n_train)  # classifier negatives per train task, shared by modes A and B
         # mode A: D_new = one trajectory of each test task's offline data (seeded draw)
         c = sample_context(ds, test_ids, kind="trajectory", seed=seed)
         keep = c["mask"].reshape(-1) > 0
@@ -729,9 +723,7 @@ def collect_episodes(nets, family, rows, args, device, gen, np_rng, random_actio
     -> Transitions with task = train-task row. ``horizon`` cuts the episodes (cold start: horizon / 4)."""
     _, _, tr = rollout(None if random_actions else nets["actor"], family, family.train_idx[rows], 1, 1,
                        args.history_length, int(np_rng.randint(2**31)), device, args.expl_noise, gen, record=True,
-                       horizon=horizon, np_rng=np_rng)
-    tr.data["task"][: tr.n] = torch.as_tensor(rows, device=device)[tr.task]
-    tr._refresh()
+                       horizon=horizon, np_rng=np_rng, task_labels=rows)
     return tr
 
 
@@ -820,7 +812,7 @@ def main(args: Args):
     def do_eval():
         adapt_now = (step == args.total_steps or args.adapt_every is None
                      or (args.adapt_every > 0 and step > 0 and step % args.adapt_every == 0))
-        res, st = evaluate(step, nets, ds, pool, pool.task_index(n_train), family, args, device, logger, adapt_now)
+        res, st = evaluate(step, nets, ds, pool, family, args, device, logger, adapt_now)
         history.append({"step": step} | {k: float(v.mean()) for k, v in res.items()})
         print(f"eval step {step}: test zero-shot {res['zero_shot'].mean():.3f}"
               + "".join(f" | {m} adapted {res[m].mean():.3f} (ESS {st[m + '_ess']:.2f}, clf acc {st[m + '_clf_acc']:.2f})"

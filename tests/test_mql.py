@@ -259,7 +259,7 @@ def test_online_mode_collects_and_trains(tmp_path):
     mql.main(mql.Args(total_steps=60, run_dir=str(tmp_path / "on"), **kw))
     s = json.loads((tmp_path / "on" / "summary.json").read_text())
     # cold start: 40 tasks x 5-step episodes (horizon / 4) = 200 >= burn_in; then 2 episodes of 20 steps per
-    # iteration with one update per collected step while the pool is under min_buffer_size... here it is full
+    # iteration (the pool already holds min_buffer_size rows, so num_train_steps updates follow each collection)
     assert s["method"] == "mql-online" and s["extra"]["env_steps"] >= 200 + 2 * 20
     assert set(s["eval"]) == {"zero_shot"}
 
