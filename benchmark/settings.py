@@ -134,6 +134,22 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "steps": 250_000,
         "note": "the paper's ablation: the VAE trained without reward relabelling; otherwise as borel/GridNavi",
     },
+    ("ldm", "GridNavi"): {
+        "preset": "ldm",
+        "args": ["--vae-steps", "5000", "--elbo-latents", "30", "--eval-every", "2500", "--no-cuda"],
+        "steps": 10_000,
+        "note": "offline LDM on the ldm split (18 train / 27 test goals) at the paper's network sizes: VAE 5k ELBO updates "
+                "of 25 rollouts with 30 of the 121 latents per rollout (unbiased, 4x cheaper), double DQN on 28 real + "
+                "4 imaginary rollouts (n_mix 2/16) for 10k updates; ~25 min per seed on one shared core",
+    },
+    ("ldm-nomix", "GridNavi"): {
+        "script": "ldm",
+        "preset": "ldm",
+        "args": ["--n-mix", "0", "--eval-every", "2500", "--no-cuda"],
+        "steps": 10_000,
+        "note": "the paper's comparison (offline RL^2, no imaginary tasks, no VAE); otherwise as ldm/GridNavi; ~12 min per "
+                "seed on one shared core",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.
@@ -141,5 +157,6 @@ REFERENCE_ENVS: list[tuple[str, str]] = [
     ("PointRobot", "default"),
     ("SparsePointRobot", "default"),
     ("GridNavi", "borel"),
+    ("GridNavi", "ldm"),
     ("HalfCheetahVel", "cpu"),
 ]
