@@ -790,6 +790,7 @@ def main(args: Args):
     res, scalars = None, {}
     if step == 0:
         res, scalars = evaluate(step, nets, family, ds, k, args, device, logger)
+        history.append({"step": 0} | {key[5:]: v for key, v in scalars.items()})
         print("eval step 0: " + " | ".join(f"{key[5:]} {v:.2f}" for key, v in scalars.items()), flush=True)
     start_step, last, t_pol = step, {}, time.time()
     while step < args.total_steps:
@@ -829,13 +830,14 @@ def main(args: Args):
     modes = {"B_sum": eval_entry(ret_b.sum(1), ret_tr.sum(1))}
     modes |= {f"B_ep{e + 1}": eval_entry(ret_b[:, e], ret_tr[:, e]) for e in range(k)}
     modes["A"] = eval_entry(res[("A", "test")][0][:, 0])
-    vae_hist = history[0] if history and "vae_reconstruction" in history[0] else None
+    vae_hist = next((h for h in history if "vae_reconstruction" in h), None)
+    first_eval = next((h for h in history if h.get("step") == 0), None)
     write_summary(run_dir, method="ldm" if args.n_mix else "ldm-nomix", env_id=args.env_id, preset=args.preset,
                   seed=args.seed, total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups,
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,
                   extra={"vae": vae_hist, "probe": probe, "final": last, "train_time_s": train_time,
                          "vae_updates": args.vae_steps, "n_mix": args.n_mix, "imaginary_per_batch": n_imag,
-                         "success_B_test": float(res[("B", "test")][1].any(1).mean()),
+                         "success_B_test": float(res[("B", "test")][1].any(1).mean()), "first_eval": first_eval,
                          "best_B_test_sum": max((h.get("B_test_sum", -1e9) for h in history), default=None)})
     logger.close()
     print(f"done: {step} policy updates, {ups:.1f} updates/s, summary in {run_dir}/summary.json", flush=True)
