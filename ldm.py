@@ -162,9 +162,13 @@ MUJOCO = dict(total_steps=100_000, eval_every=5_000, vae_batch=10, latent_dim=5,
 POINT = dict(MUJOCO, policy_obs=True, gamma=0.9, alpha=0.01, eval_every=2_500)
 
 
+def family_table(env: str) -> dict:
+    return GRID if env == "GridNavi" else MUJOCO if env in MUJOCO_FAMILY_NAMES else POINT
+
+
 def resolve_args(args: Args) -> Args:
     env = canonical_env_id(args.env_id)
-    table = GRID if env == "GridNavi" else MUJOCO if env in MUJOCO_FAMILY_NAMES else POINT
+    table = family_table(env)
     filled = {k: v for k, v in table.items() if k != "preset" and getattr(args, k) is None}
     return dataclasses.replace(args, env_id=env, preset=args.preset or table.get("preset") or default_preset(env), **filled)
 
@@ -832,7 +836,10 @@ def main(args: Args):
     modes["A"] = eval_entry(res[("A", "test")][0][:, 0])
     vae_hist = next((h for h in history if "vae_reconstruction" in h), None)
     first_eval = next((h for h in history if h.get("step") == 0), None)
-    write_summary(run_dir, method="ldm" if args.n_mix else "ldm-nomix", env_id=args.env_id, preset=args.preset,
+    # the summary's method names the variant, so ablations sit in their own rows of the results table
+    variant = "ldm-nomix" if not args.n_mix else "ldm" if args.n_mix == family_table(args.env_id)["n_mix"] \
+        else f"ldm-mix{args.n_mix}"
+    write_summary(run_dir, method=variant, env_id=args.env_id, preset=args.preset,
                   seed=args.seed, total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups,
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,
                   extra={"vae": vae_hist, "probe": probe, "final": last, "train_time_s": train_time,

@@ -150,6 +150,29 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "the paper's comparison (offline RL^2, no imaginary tasks, no VAE); otherwise as ldm/GridNavi; ~12 min per "
                 "seed on one shared core",
     },
+    ("ldm-mix8", "GridNavi"): {
+        "script": "ldm",
+        "preset": "ldm",
+        "args": ["--n-mix", "8", "--vae-steps", "5000", "--elbo-latents", "30", "--eval-every", "2500", "--no-cuda"],
+        "steps": 10_000,
+        "note": "sensitivity to the imaginary share: as ldm/GridNavi with 8 of 16 workers imaginary (16 of 32 rollouts, "
+                "each mixing 8 tasks' latents); ~25 min per seed on one shared core",
+    },
+    ("ldm", "PointRobot"): {
+        "preset": "default",
+        "args": ["--vae-steps", "5000", "--eval-every", "2500", "--no-cuda"],
+        "steps": 20_000,
+        "note": "offline LDM on the shared PointRobot dataset (k = 1 episode of 20 steps; MuJoCo sizes: latent 5, decoder "
+                "64-32 with dropout 0.5; policy GRU 128 with the state, SAC gamma 0.9 alpha 0.01; 28 real + 4 imaginary "
+                "rollouts per update, n_mix 4/16); VAE 5k updates with all latents; ~17 min per seed on one shared core",
+    },
+    ("ldm-nomix", "PointRobot"): {
+        "script": "ldm",
+        "preset": "default",
+        "args": ["--n-mix", "0", "--eval-every", "2500", "--no-cuda"],
+        "steps": 20_000,
+        "note": "as ldm/PointRobot without imaginary tasks (offline RL^2 with SAC); ~13 min per seed on one shared core",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.

@@ -217,6 +217,9 @@ def test_main_writes_bamdp_episodes_and_resumes_identically(grid_ds, tmp_path):
         assert part["eval"][mode]["test_per_task"] == pytest.approx(full["eval"][mode]["test_per_task"])
     with pytest.raises(FileExistsError):
         ldm.main(ldm.Args(total_steps=40, run_dir=str(tmp_path / "full"), **kw))
+    for n_mix, name in ((0, "ldm-nomix"), (4, "ldm-mix4")):  # ablations get their own rows in the results table
+        ldm.main(ldm.Args(total_steps=0, n_mix=n_mix, run_dir=str(tmp_path / name), **kw))
+        assert json.loads((tmp_path / name / "summary.json").read_text())["method"] == name
     with pytest.raises(SystemExit, match="n-mix"):
         ldm.main(ldm.Args(total_steps=40, run_dir=str(tmp_path / "bad"), **(kw | {"n_mix": 16})))
     with pytest.raises(Exception, match="GridNavi"):  # a dataset of another family
