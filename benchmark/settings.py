@@ -163,7 +163,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "args": ["--vae-steps", "5000", "--eval-every", "2500", "--no-cuda"],
         "steps": 40_000,
         "note": "offline LDM on the shared PointRobot dataset (k = 1 episode of 20 steps; MuJoCo sizes: latent 5, decoder "
-                "64-32 with dropout 0.5; policy GRU 128 with the state, SAC gamma 0.9 alpha 0.01; 28 real + 4 imaginary "
+                "64-32 with dropout 0.5; policy GRU 128 with the state, SAC gamma 0.9 alpha 0.01; 24 real + 8 imaginary "
                 "rollouts per update, n_mix 4/16); VAE 5k updates with all latents; ~25 min per seed on one shared core",
     },
     ("ldm-nomix", "PointRobot"): {
