@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common.data import ensure_dataset
+from common.data import bamdp_rollout_rows, ensure_dataset
 from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family, relabel_rewards
 from common.evaluation import run_episodes
 from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir,
@@ -175,23 +175,11 @@ def build_rollouts(ds, family, task_ids, k: int) -> dict:
     """Group each task's episodes into rollouts of k consecutive episodes (a remainder is dropped).
     Returns numpy arrays obs/next_obs (R, H+, obs_dim), actions (R, H+[, act_dim]), rewards/terminals/success
     (R, H+) and task (R,) (the family's task index), sorted by task."""
-    H = family.horizon
-    out = {k_: [] for k_ in ("obs", "next_obs", "actions", "rewards", "terminals", "success", "task")}
-    for t in task_ids:
-        sl = ds.task_slice(int(t))
-        step = ds["step"][sl]
-        if len(step) % H or np.any(step != np.tile(np.arange(H), len(step) // H)):
-            raise SystemExit(f"borel.py needs fixed-length episodes of H={H} steps; task {t} of {ds.path} has "
-                             f"episodes that end early (terminations)")
-        n_roll = len(step) // (H * k)
-        if n_roll == 0:
-            raise SystemExit(f"task {t} of {ds.path} has {len(step) // H} episodes, fewer than k={k}")
-        rows = np.arange(sl.start, sl.start + n_roll * H * k).reshape(n_roll, H * k)
-        for key in ("obs", "next_obs", "actions", "rewards", "terminals"):
-            out[key].append(ds[key][rows])
-        out["success"].append(goal_reached(family, ds["next_obs"][rows], np.full(n_roll, t), ds["rewards"][rows]))
-        out["task"].append(np.full(n_roll, t))
-    return {key: np.concatenate(v) for key, v in out.items()}
+    rows, task = bamdp_rollout_rows(ds, task_ids, family.horizon, k, "borel.py")
+    out = {key: ds[key][rows] for key in ("obs", "next_obs", "actions", "rewards", "terminals")}
+    out["success"] = goal_reached(family, out["next_obs"], task, out["rewards"])
+    out["task"] = task
+    return out
 
 
 def goal_reached(family, next_obs, task, rewards):

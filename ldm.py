@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common.data import ensure_dataset
+from common.data import bamdp_rollout_rows, ensure_dataset
 from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family
 from common.evaluation import run_episodes
 from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir,
@@ -184,24 +184,10 @@ def resolve_args(args: Args) -> Args:
 
 
 def build_rollouts(ds, family, task_ids, k: int) -> dict:
-    """Group each task's episodes into rollouts of k consecutive episodes (a remainder is dropped). Returns tensors-to-be
+    """Group each task's episodes into rollouts of k consecutive episodes (a remainder is dropped). Returns numpy arrays
     obs/next_obs (R, H+, obs_dim), actions (R, H+[, act_dim]), rewards/terminals (R, H+), task (R,), sorted by task."""
-    H = family.horizon
-    out = {key: [] for key in ("obs", "next_obs", "actions", "rewards", "terminals", "task")}
-    for t in task_ids:
-        sl = ds.task_slice(int(t))
-        step = ds["step"][sl]
-        if len(step) % H or np.any(step != np.tile(np.arange(H), len(step) // H)):
-            raise SystemExit(f"ldm.py needs fixed-length episodes of H={H} steps; task {t} of {ds.path} has episodes "
-                             f"that end early (terminations)")
-        n_roll = len(step) // (H * k)
-        if n_roll == 0:
-            raise SystemExit(f"task {t} of {ds.path} has {len(step) // H} episodes, fewer than k={k}")
-        rows = np.arange(sl.start, sl.start + n_roll * H * k).reshape(n_roll, H * k)
-        for key in ("obs", "next_obs", "actions", "rewards", "terminals"):
-            out[key].append(ds[key][rows])
-        out["task"].append(np.full(n_roll, t))
-    return {key: np.concatenate(v) for key, v in out.items()}
+    rows, task = bamdp_rollout_rows(ds, task_ids, family.horizon, k, "ldm.py")
+    return {key: ds[key][rows] for key in ("obs", "next_obs", "actions", "rewards", "terminals")} | {"task": task}
 
 
 def to_tensors(roll: dict, discrete: bool, device) -> dict:
@@ -715,7 +701,7 @@ def main(args: Args):
     ds = ensure_dataset(args.env_id, args.preset, path=args.dataset, family=family)
     roll_np = build_rollouts(ds, family, family.train_idx, k)
     roll = to_tensors(roll_np, family.discrete, device)
-    R, T = roll["rewards"].shape
+    R = len(roll["rewards"])
     bits = done_bits(family.horizon, k, device)
     bootstrap_end = family.env_id != "GridNavi"  # grid: the official config has no proper time limits
     vae = LatentDynamics(family, args, done_bit=k > 1).to(device)
@@ -788,13 +774,14 @@ def main(args: Args):
     # ALGO LOGIC: stage 2, the RL^2 policy on real + imaginary rollouts (frozen VAE)
     for p in vae.parameters():
         p.requires_grad_(False)
-    mu, logvar = posteriors(vae, roll, bits)
-    mixer = Mixer(vae, roll, mu, logvar, args.workers - args.n_mix, args.mix_beta, args.mix_dropout) if n_imag else None
+    mixer = None
+    if n_imag:  # the frozen encoder's beliefs of every stored rollout, the mixture's source
+        mixer = Mixer(vae, roll, *posteriors(vae, roll, bits), args.workers - args.n_mix, args.mix_beta, args.mix_dropout)
     if family.env_id == "GridNavi" and mixer is not None and not probe:
         probe = grid_probe(vae, mixer, family, generator=torch.Generator(device=device).manual_seed(args.seed))
         print("mixture probe: " + ", ".join(f"{key} {v:.3f}" for key, v in probe.items()), flush=True)
         logger.log_scalars(vae_step, {f"vae/{key}": v for key, v in probe.items()})
-    if stage == "policy" and step == 0:
+    if step == 0:
         checkpoint()
     res, scalars = None, {}
     if step == 0:

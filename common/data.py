@@ -348,6 +348,25 @@ def _gather_rows(x, idx):
     return torch.gather(x, 1, flat)
 
 
+def bamdp_rollout_rows(ds: Dataset, task_ids, horizon: int, k: int, script: str):
+    """Row indices grouping each task's episodes into BAMDP rollouts of k consecutive episodes of ``horizon`` steps
+    (BOReL, LDM; a remainder is dropped): ``rows`` (R, k horizon) and ``task`` (R,), sorted by task. Datasets whose
+    episodes end early (terminations) are refused, naming ``script``."""
+    rows, task = [], []
+    for t in task_ids:
+        sl = ds.task_slice(int(t))
+        step = ds["step"][sl]
+        if len(step) % horizon or np.any(step != np.tile(np.arange(horizon), len(step) // horizon)):
+            raise SystemExit(f"{script} needs fixed-length episodes of H={horizon} steps; task {t} of {ds.path} has "
+                             f"episodes that end early (terminations)")
+        n_roll = len(step) // (horizon * k)
+        if n_roll == 0:
+            raise SystemExit(f"task {t} of {ds.path} has {len(step) // horizon} episodes, fewer than k={k}")
+        rows.append(np.arange(sl.start, sl.start + n_roll * horizon * k).reshape(n_roll, horizon * k))
+        task.append(np.full(n_roll, t))
+    return np.concatenate(rows), np.concatenate(task)
+
+
 def sample_context(ds: Dataset, task_ids, kind: str = "trajectory", n: int = 256, seed: int = 0) -> dict:
     """Offline context for evaluation mode A, a seeded draw fixed per call: ``kind='trajectory'`` gives one
     whole episode per task (stacked: all of a family's episodes have the same length when none terminated
