@@ -26,8 +26,9 @@ def probe(run_dir: str) -> dict:
     state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     args = ldm.resolve_args(ldm.Args(**{k: v for k, v in state["args"].items() if k in ldm.Args.__dataclass_fields__}))
     fam = make_family(args.env_id, args.preset)
-    if fam.env_id != "GridNavi":
-        raise SystemExit(f"{run_dir}: this probe is for GridNavi runs, not {fam.env_id}")
+    if fam.env_id != "GridNavi" or not args.n_mix:
+        raise SystemExit(f"{run_dir}: this probe is for GridNavi runs with imaginary tasks (n_mix > 0), not "
+                         f"{fam.env_id} with n_mix {args.n_mix}")
     ds = ensure_dataset(args.env_id, args.preset, path=args.dataset, family=fam)
     k = fam.episodes_per_task
     roll = ldm.to_tensors(ldm.build_rollouts(ds, fam, fam.train_idx, k), True, "cpu")
@@ -38,7 +39,7 @@ def probe(run_dir: str) -> dict:
     row = {"run": str(run_dir), "seed": args.seed, "n_mix": args.n_mix}
     torch.manual_seed(0)
     for drop in (True, False):
-        mixer = ldm.Mixer(vae, roll, mu, logvar, args.workers - max(args.n_mix, 1), args.mix_beta, drop)
+        mixer = ldm.Mixer(vae, roll, mu, logvar, args.workers - args.n_mix, args.mix_beta, drop)
         b = mixer.sample(2000, torch.Generator().manual_seed(0))
         r, gap = b["rewards"], gap_of(b["next_obs"])
         tag = "dropout" if drop else "no_dropout"

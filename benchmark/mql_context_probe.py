@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mql  # noqa: E402
-from common.data import load_dataset  # noqa: E402
+from common.data import default_dataset_path, load_dataset  # noqa: E402
 from common.envs import make_family, relabel_rewards  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def probe(run_dir: Path, episodes: int = 20, seed: int = 0) -> dict:
     args_d = json.loads((run_dir / "args.json").read_text())
     args = mql.resolve_args(mql.Args(**{k: v for k, v in args_d.items() if k in mql.Args.__dataclass_fields__}))
     family = make_family(args.env_id, args.preset)
-    ds = load_dataset(args_d.get("dataset") or f"datasets/{args.env_id}__{args.preset}__s0.npz", args.env_id, args.preset)
+    ds = load_dataset(args_d.get("dataset") or default_dataset_path(args.env_id, args.preset), args.env_id, args.preset)
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     nets = mql.make_nets(family.obs_dim, family.act_dim, args, "cpu")
     nets["actor"].load_state_dict(state["nets"]["actor"])
