@@ -681,7 +681,7 @@ def collect(nets, family, rows, n_steps, posterior, ctx_buf, args, device, gen, 
 
 def variant_name(args: Args) -> str:
     relabel = {"off": "", "all": "-relabel", "context": "-relabelctx"}[args.relabel_offline]
-    return "smac" + relabel + ("-oracle" if args.oracle_rewards else "")
+    return "smac" + relabel + ("-tail" if args.data_tail > 0 else "") + ("-oracle" if args.oracle_rewards else "")
 
 
 def main(args: Args):

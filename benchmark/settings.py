@@ -173,6 +173,39 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "steps": 20_000,
         "note": "as ldm/PointRobot without imaginary tasks (offline RL^2 with SAC); ~13 min per seed on one shared core",
     },
+    ("smac", "HalfCheetahVel"): {
+        "preset": "cpu",
+        "args": ["--eval-every", "5000", "--online-iterations", "0", "--no-cuda"],
+        "steps": 30_000,
+        "note": "SMAC's offline phase at the paper's sizes (nets 3x300, encoder 3x200, meta-batch 4 x 128, KL 0.1) on the "
+                "CPU-sized cheetah dataset (20/10 tasks), 30k of the paper's 50k offline steps, no self-supervised "
+                "phase (each of its 51 iterations is 16k updates); ~45 min on one shared core",
+    },
+    ("smac-tail", "HalfCheetahVel"): {
+        "script": "smac",
+        "preset": "cpu",
+        "args": ["--data-tail", "10000", "--eval-every", "5000", "--online-iterations", "0", "--no-cuda"],
+        "steps": 30_000,
+        "note": "as smac/HalfCheetahVel with each train task's last 10k offline transitions only (its last 50 of 160 "
+                "episodes, near its expert; the official Ant-Dir setting keeps a tail too): beta 100 makes the actor "
+                "close to weighted BC of the data; ~45 min on one shared core",
+    },
+    ("corro", "HalfCheetahVel"): {
+        "preset": "cpu",
+        "args": ["--cvae-epochs", "2", "--encoder-steps", "20000", "--eval-every", "4000", "--no-cuda"],
+        "steps": 40_000,
+        "note": "CORRO with the paper's CVAE negatives (fitted on the 20 train tasks) on the CPU-sized cheetah dataset: "
+                "CVAE 2 of 100 epochs (10k updates), 20k of 200k InfoNCE updates, SAC 256x2 on 16 tasks x 256 for 40k "
+                "of 200k updates; ~70 min on one shared core",
+    },
+    ("mql", "HalfCheetahVel"): {
+        "preset": "cpu",
+        "args": ["--eval-every", "5000", "--adapt-every", "20000", "--no-cuda"],
+        "steps": 40_000,
+        "note": "offline MQL at the paper's cheetah-vel column (actor/critics 300x300, GRU 15, H 20, lr 1e-3) on the "
+                "CPU-sized cheetah dataset, 40k of 500k TD3 updates; adaptation at 0, 20k and 40k; ~35 min on one "
+                "shared core",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.

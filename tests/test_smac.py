@@ -310,5 +310,6 @@ def test_discrete_families_are_refused_and_variant_names(tmp_path):
         smac.main(smac.Args(env_id="GridNavi", cuda=False, run_dir=str(tmp_path / "g")))
     assert smac.variant_name(smac.Args()) == "smac" and smac.variant_name(smac.Args(oracle_rewards=True)) == "smac-oracle"
     assert smac.variant_name(smac.Args(relabel_offline="context")) == "smac-relabelctx"
+    assert smac.variant_name(smac.Args(data_tail=10_000)) == "smac-tail"
     with pytest.raises(SystemExit, match="separate"):
         smac.resolve_args(smac.Args(relabel_offline="context", context_buffer="shared"))
