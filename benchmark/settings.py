@@ -176,10 +176,10 @@ SETTINGS: dict[tuple[str, str], dict] = {
     ("smac", "HalfCheetahVel"): {
         "preset": "cpu",
         "args": ["--eval-every", "5000", "--online-iterations", "0", "--no-cuda"],
-        "steps": 30_000,
+        "steps": 50_000,
         "note": "SMAC's offline phase at the paper's sizes (nets 3x300, encoder 3x200, meta-batch 4 x 128, KL 0.1) on the "
-                "CPU-sized cheetah dataset (20/10 tasks), 30k of the paper's 50k offline steps, no self-supervised "
-                "phase (each of its 51 iterations is 16k updates); ~45 min on one shared core",
+                "CPU-sized cheetah dataset (20/10 tasks), the paper's 50k offline steps, no self-supervised phase (each "
+                "of its 51 iterations is 16k updates); ~55 min on one shared core",
     },
     ("smac-tail", "HalfCheetahVel"): {
         "script": "smac",
@@ -196,7 +196,8 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "steps": 40_000,
         "note": "CORRO with the paper's CVAE negatives (fitted on the 20 train tasks) on the CPU-sized cheetah dataset: "
                 "CVAE 2 of 100 epochs (10k updates), 20k of 200k InfoNCE updates, SAC 256x2 on 16 tasks x 256 for 40k "
-                "of 200k updates; ~70 min on one shared core",
+                "of 200k updates. A GPU job: the SAC stage runs ~3-4 updates/s on one shared core (~3 h); on this "
+                "data InfoNCE sits at ln 17 (collapsed encoder) with every negative type, see README",
     },
     ("mql", "HalfCheetahVel"): {
         "preset": "cpu",
