@@ -52,7 +52,7 @@ Deviations (LDM is online and on-policy in the paper; the offline variant of spe
 - `--elbo-latents N` (off by default) reconstructs from N random latents per rollout instead of all H+ + 1, rescaled:
   an unbiased, cheaper ELBO for CPU runs (the grid's 121 x 120 x 25 decoder rows cost ~0.65 s per update here).
 - Measured, not changed: trained with dropout 0.7, the grid decoder in eval mode (dropout off) is badly calibrated (its
-  p(r = 1) at the true goal falls to ~0 while it is ~0.8 with dropout on), so `--no-mix-dropout` imagines almost no
+  p(r = 1) at the true goal falls to ~0 while it is 0.96-0.98 with dropout on), so `--no-mix-dropout` imagines almost no
   reward at all; the official code never switches dropout off.
 - Also reported: mode A (policy GRU state after one offline episode of the test task's data, then one episode).
 """
