@@ -48,7 +48,11 @@ Deviations:
   task's reward); ``--context-relabel F`` lets a share F of the aggregator's training contexts be other tasks'
   episodes with the context task's rewards (as PEARL's ``--context-relabel``), for robustness to the context's
   behaviour policy.
-- Not implemented: the RNN encoder, the DQN/grid variant, ``gt`` and ``separate`` relabelling, CQL, the
+- ``--cql-weight W`` (off by default, as the paper) adds CQL(H) to each critic loss. The official SAC has a
+  ``use_cql`` path that no config turns on and that cannot run as written (it takes the log of a mean of
+  Q / density, not of exp Q, so negative Q values give NaN); the term here is the CQL paper's, with n uniform
+  and n policy actions per state.
+- Not implemented: the RNN encoder, the DQN/grid variant, ``gt`` and ``separate`` relabelling, the
   supervised-debug head. Continuous actions only.
 """
 
@@ -152,6 +156,11 @@ class Args:
     """Polyak rate of the target critics"""
     alpha: float = 0.2
     """fixed entropy weight"""
+    cql_weight: float = 0.0
+    """off (0) as the paper: weight of a CQL(H) term added to each critic loss (the official SAC's unused
+    ``use_cql`` path, written here as in the CQL paper; spec pitfall 6)"""
+    cql_samples: int = 10
+    """--cql-weight: uniform and policy actions per state in CQL's log-sum-exp"""
     context_relabel: float = 0.0
     """a deviation (numpy families): share of the training contexts that are an episode of a random train task's
     data with the rewards of the context's task, so the aggregator also learns from other behaviours' episodes"""
@@ -333,6 +342,22 @@ def critic_loss(q_pred, y):
     return (q_pred - y).pow(2).flatten(1).mean(1).sum()
 
 
+def cql_penalty(qf, pi, s_z, q_pred, n: int, gen):
+    """CQL(H) (Kumar et al. 2020): Σ_k mean [log Σ_a exp Q_k(s, z, a) - Q_k(s, z, a_data)], the log-sum-exp over
+    actions estimated by importance sampling from n uniform and n current-policy actions per state:
+        log [ 1/2n Σ_j exp(Q(a_j^unif) - log U(a_j)) + 1/2n Σ_j exp(Q(a_j^pi) - log pi(a_j)) ].
+    Pushes Q down on actions the data do not take; s_z (..., D) carries z with its gradient (E2 learns from it too)."""
+    s_rep = s_z[..., None, :].expand(*s_z.shape[:-1], n, s_z.shape[-1])
+    with torch.no_grad():
+        a_pi, logp_pi = pi(s_rep.detach(), generator=gen)
+    a_unif = torch.rand(a_pi.shape, generator=gen, device=a_pi.device) * 2 - 1  # actions live in [-1, 1]
+    log_u = -a_pi.shape[-1] * math.log(2.0)
+    q_unif = qf(torch.cat([s_rep, a_unif], -1)) - log_u  # (2, ..., n, 1)
+    q_pi = qf(torch.cat([s_rep, a_pi], -1)) - logp_pi
+    lse = torch.logsumexp(torch.cat([q_unif, q_pi], -2), -2) - math.log(2 * n)  # (2, ..., 1)
+    return (lse - q_pred).flatten(1).mean(1).sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: per-task transitions and episodes on the device
 # ---------------------------------------------------------------------------------------------
@@ -502,6 +527,11 @@ def sac_update(nets, opts, batch, ctx, ctx_mask, args, gen):
         y = batch["rewards"][..., None] + args.gamma * (1 - batch["terminals"][..., None]) * q_next
     q_pred = qf(torch.cat([s_z, batch["actions"]], -1))
     loss_q = critic_loss(q_pred, y)
+    stats = {}
+    if args.cql_weight > 0:  # option: conservative critics (off in the paper)
+        pen = cql_penalty(qf, pi, s_z, q_pred, args.cql_samples, gen)
+        loss_q = loss_q + args.cql_weight * pen
+        stats["loss/cql"] = pen.item() / 2
     opts["qf"].zero_grad(set_to_none=True)
     opts["e2"].zero_grad(set_to_none=True)
     loss_q.backward()
@@ -516,8 +546,8 @@ def sac_update(nets, opts, batch, ctx, ctx_mask, args, gen):
     opts["pi"].zero_grad(set_to_none=True)
     loss_pi.backward()
     opts["pi"].step()
-    return {"loss/critic": loss_q.item() / 2, "loss/actor": loss_pi.item(), "q/mean": q_pred.mean().item(),
-            "q/target_mean": y.mean().item()}
+    return stats | {"loss/critic": loss_q.item() / 2, "loss/actor": loss_pi.item(), "q/mean": q_pred.mean().item(),
+                    "q/target_mean": y.mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +665,8 @@ def evaluate(step, nets, data, family, ds, behaviours, args, device, logger):
 def variant_name(args: Args) -> str:
     """The method label of summary.json: corro plus the flags that change what is learned."""
     tags = {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives]
-    for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.cvae_include_test_tasks, "-leak")):
+    for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.cvae_include_test_tasks, "-leak"),
+                    (args.cql_weight > 0, "-cql")):
         tags += tag if on else ""
     return "corro" + tags
 
