@@ -61,16 +61,6 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "20k of the paper's 200k InfoNCE updates and 60k of its 200k SAC updates; ~45 min per seed on one "
                 "shared core",
     },
-    ("corro-relabel-rq-cql", "PointRobot"): {
-        "script": "corro",
-        "preset": "default",
-        "args": ["--negatives", "relabel", "--relabel-queries", "--cql-weight", "1", "--cql-samples", "2",
-                 "--encoder-steps", "20000", "--eval-every", "2000", "--no-cuda"],
-        "steps": 30_000,
-        "note": "as corro-relabel-rq plus CQL(H) weight 1 with 2 uniform + 2 policy actions per state (3x the cost of "
-                "a plain SAC update), 30k SAC updates; also run with --preset corro (the paper's H = 10 point robot) "
-                "and --run-root runs/benchmark/corro-preset; ~40 min per seed on one shared core",
-    },
     ("smac", "PointRobot"): {
         "preset": "default",
         "args": ["--eval-every", "1000", "--online-iterations", "10", "--online-updates", "500",
