@@ -61,16 +61,6 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "20k of the paper's 200k InfoNCE updates and 60k of its 200k SAC updates; ~45 min per seed on one "
                 "shared core",
     },
-    ("corro-relabel-rq-cql", "PointRobot"): {
-        "script": "corro",
-        "preset": "corro",
-        "args": ["--negatives", "relabel", "--relabel-queries", "--alpha", "0.01", "--cql-weight", "1",
-                 "--cql-samples", "2", "--encoder-steps", "20000", "--eval-every", "2000", "--no-cuda"],
-        "steps": 20_000,
-        "note": "the paper's H = 10 point robot (corro preset), relabelling options, SAC alpha 0.01 (the collectors' "
-                "value; official offline 0.2) and CQL(H) weight 1 with 2 uniform + 2 policy actions per state, 20k "
-                "of the paper's 200k InfoNCE and SAC updates; ~30 min per seed on one shared core",
-    },
     ("smac", "PointRobot"): {
         "preset": "default",
         "args": ["--eval-every", "1000", "--online-iterations", "10", "--online-updates", "500",
