@@ -526,11 +526,11 @@ def sac_update(nets, opts, batch, ctx, ctx_mask, args, gen):
         q_next = qf_targ(torch.cat([ns_z, a2], -1)).min(0).values - args.alpha * logp2
         y = batch["rewards"][..., None] + args.gamma * (1 - batch["terminals"][..., None]) * q_next
     q_pred = qf(torch.cat([s_z, batch["actions"]], -1))
-    loss_q = critic_loss(q_pred, y)
-    stats = {}
+    loss_td = critic_loss(q_pred, y)
+    stats, loss_q = {"loss/critic": loss_td.item() / 2}, loss_td
     if args.cql_weight > 0:  # option: conservative critics (off in the paper)
         pen = cql_penalty(qf, pi, s_z, q_pred, args.cql_samples, gen)
-        loss_q = loss_q + args.cql_weight * pen
+        loss_q = loss_td + args.cql_weight * pen
         stats["loss/cql"] = pen.item() / 2
     opts["qf"].zero_grad(set_to_none=True)
     opts["e2"].zero_grad(set_to_none=True)
@@ -546,8 +546,7 @@ def sac_update(nets, opts, batch, ctx, ctx_mask, args, gen):
     opts["pi"].zero_grad(set_to_none=True)
     loss_pi.backward()
     opts["pi"].step()
-    return stats | {"loss/critic": loss_q.item() / 2, "loss/actor": loss_pi.item(), "q/mean": q_pred.mean().item(),
-                    "q/target_mean": y.mean().item()}
+    return stats | {"loss/actor": loss_pi.item(), "q/mean": q_pred.mean().item(), "q/target_mean": y.mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------
