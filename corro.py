@@ -161,6 +161,10 @@ class Args:
     ``use_cql`` path, written here as in the CQL paper; spec pitfall 6)"""
     cql_samples: int = 10
     """--cql-weight: uniform and policy actions per state in CQL's log-sum-exp"""
+    cql_target_gap: float | None = None
+    """--cql-weight with a target gap tau: CQL's Lagrangian form; the weight (started at --cql-weight) is learned so
+    that each critic's gap E[log-sum-exp Q - Q(data)] settles at tau instead of being pushed down without bound
+    (default: a fixed weight)"""
     context_relabel: float = 0.0
     """a deviation (numpy families): share of the training contexts that are an episode of a random train task's
     data with the rewards of the context's task, so the aggregator also learns from other behaviours' episodes"""
@@ -358,6 +362,18 @@ def cql_penalty(qf, pi, s_z, q_pred, n: int, gen):
     return (lse - q_pred).flatten(1).mean(1).sum()
 
 
+class LagrangeWeight(nn.Module):
+    """CQL's Lagrange multiplier alpha' = exp(log alpha') >= 0 (--cql-target-gap): gradient ascent on
+    alpha' (gap - tau) raises the weight while the gap exceeds tau and lowers it toward 0 once it does not."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.log_w = nn.Parameter(torch.tensor(math.log(init)))
+
+    def forward(self):
+        return self.log_w.exp().clamp(max=1e6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: per-task transitions and episodes on the device
 # ---------------------------------------------------------------------------------------------
@@ -530,8 +546,17 @@ def sac_update(nets, opts, batch, ctx, ctx_mask, args, gen):
     stats, loss_q = {"loss/critic": loss_td.item() / 2}, loss_td
     if args.cql_weight > 0:  # option: conservative critics (off in the paper)
         pen = cql_penalty(qf, pi, s_z, q_pred, args.cql_samples, gen)
-        loss_q = loss_td + args.cql_weight * pen
         stats["loss/cql"] = pen.item() / 2
+        if args.cql_target_gap is not None:  # Lagrangian form: pen sums the two critics' gaps, so the target is 2 tau
+            w = nets["cql_w"]()
+            loss_q = loss_td + w.detach() * (pen - 2 * args.cql_target_gap)
+            loss_w = -w * (pen.detach() - 2 * args.cql_target_gap)
+            opts["cql_w"].zero_grad(set_to_none=True)
+            loss_w.backward()
+            opts["cql_w"].step()
+            stats["cql/weight"] = w.item()
+        else:
+            loss_q = loss_td + args.cql_weight * pen
     opts["qf"].zero_grad(set_to_none=True)
     opts["e2"].zero_grad(set_to_none=True)
     loss_q.backward()
@@ -665,7 +690,7 @@ def variant_name(args: Args) -> str:
     """The method label of summary.json: corro plus the flags that change what is learned."""
     tags = {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives]
     for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.cvae_include_test_tasks, "-leak"),
-                    (args.cql_weight > 0, "-cql")):
+                    (args.cql_weight > 0, "-cql"), (args.cql_weight > 0 and args.cql_target_gap is not None, "gap")):
         tags += tag if on else ""
     return "corro" + tags
 
@@ -683,6 +708,9 @@ def make_nets(obs_dim, act_dim, args, device):
             "e2": torch.optim.Adam(nets["e2"].parameters(), lr=args.encoder_lr),
             "qf": torch.optim.Adam(nets["qf"].parameters(), lr=args.critic_lr),
             "pi": torch.optim.Adam(nets["pi"].parameters(), lr=args.actor_lr)}
+    if args.cql_weight > 0 and args.cql_target_gap is not None:
+        nets["cql_w"] = LagrangeWeight(args.cql_weight).to(device)
+        opts["cql_w"] = torch.optim.Adam(nets["cql_w"].parameters(), lr=args.critic_lr)
     return nets, opts
 
 

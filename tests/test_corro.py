@@ -298,3 +298,22 @@ def test_cql_weight_zero_leaves_the_critic_loss_unchanged_and_names_the_variant(
     assert "loss/cql" not in losses[0] and losses[1]["loss/cql"] > 0
     # the TD part is logged apart from the penalty: same nets, batch and draws give the same TD loss
     assert losses[1]["loss/critic"] == losses[0]["loss/critic"] > 0
+
+
+def test_cql_lagrange_weight_rises_above_the_target_gap_and_falls_below_it():
+    assert corro.variant_name(tiny_args(cql_weight=1.0, cql_target_gap=0.5)) == "corro-cqlgap"
+    data = corro.TaskData(toy_dataset(), [0, 1], "cpu")
+    tasks, weights = torch.tensor([0, 1]), {}
+    for tau in (-5.0, 5.0):  # far below / far above any gap a fresh critic has (about log 2 here)
+        torch.manual_seed(0)
+        args = tiny_args(cql_weight=1.0, cql_target_gap=tau)
+        nets, opts = corro.make_nets(1, 1, args, "cpu")
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            batch, (ctx, mask) = data.rows(tasks, 8, gen), data.episodes(tasks, gen)
+            stats = corro.sac_update(nets, opts, batch, ctx, mask, args, gen)
+        weights[tau] = (stats["cql/weight"], nets["cql_w"]().item())
+    assert weights[-5.0][1] > 1.0 > weights[5.0][1], weights
+    # without a target gap the weight is fixed and no multiplier exists
+    nets, opts = corro.make_nets(1, 1, tiny_args(cql_weight=1.0), "cpu")
+    assert "cql_w" not in nets and "cql_w" not in opts
