@@ -51,7 +51,8 @@ Deviations:
 - ``--cql-weight W`` (off by default, as the paper) adds CQL(H) to each critic loss. The official SAC has a
   ``use_cql`` path that no config turns on and that cannot run as written (it takes the log of a mean of
   Q / density, not of exp Q, so negative Q values give NaN); the term here is the CQL paper's, with n uniform
-  and n policy actions per state.
+  and n policy actions per state. ``--cql-target-gap tau`` uses the CQL paper's Lagrangian form instead of a
+  fixed weight.
 - Not implemented: the RNN encoder, the DQN/grid variant, ``gt`` and ``separate`` relabelling, the
   supervised-debug head. Continuous actions only.
 """
