@@ -37,6 +37,15 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "as pearl/PointRobot plus --context-relabel 1.0 --relabel-mode pool (training contexts: transitions of "
                 "random train tasks with this task's rewards, so only rewards identify the task); ~10 min per seed",
     },
+    ("pearl-online", "PointRobot"): {
+        "script": "pearl",
+        "preset": "default",
+        "args": ["--online", "--eval-every", "5000", "--net-size", "128", "--encoder-size", "128", "--no-cuda"],
+        "steps": 100_000,
+        "note": "the paper's online PEARL (point-robot column: 5 tasks x (200 prior-z + 200 posterior-z) env steps and "
+                "1000 updates per iteration), no dataset; nets 3x128 (paper 300/200) in fp32, 100k of the paper's 500k "
+                "updates; ~2 h per seed on one shared core",
+    },
     ("macaw", "PointRobot"): {
         "preset": "default",
         "args": ["--eval-every", "250", "--no-cuda"],

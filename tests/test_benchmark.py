@@ -168,3 +168,19 @@ def test_run_variant_calls_its_script_and_gets_its_own_run_dirs(fake, monkeypatc
                      "--script-dir", str(fake)]) == 0
     assert calls(root) == [["--env-id", "PointRobot", "--preset", "default", "--seed", "2", "--run-dir",
                             str(root / "PointRobot__fakemethod-x__s2"), "--total-steps", "7", "--x"]]
+
+
+def test_every_setting_parses_with_its_script_and_names_its_variant():
+    """Each SETTINGS entry's flags are valid for its script, and a variant key's run carries its own method name
+    (so report.py puts it in a row of its own), e.g. pearl-online -> summary method "pearl-online"."""
+    import importlib
+    import tyro
+
+    from benchmark.settings import SETTINGS
+    for (method, env), cfg in SETTINGS.items():
+        mod = importlib.import_module(cfg.get("script", method))
+        flags = ["--env-id", env, "--preset", cfg["preset"], "--total-steps", str(cfg["steps"]), *cfg["args"]]
+        args = tyro.cli(mod.Args, args=flags)
+        assert args.total_steps == cfg["steps"], (method, env)
+        if hasattr(mod, "variant_name"):
+            assert mod.variant_name(mod.resolve_args(args)) == method, (method, env)
