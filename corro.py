@@ -195,6 +195,8 @@ def resolve_args(args: Args) -> Args:
     env = canonical_env_id(args.env_id)
     table = {**ENV_DEFAULTS, **ENV_OVERRIDES.get(env, {})}
     filled = {k: v for k, v in table.items() if getattr(args, k) is None}
+    if args.cql_target_gap is not None and args.cql_weight <= 0:
+        raise SystemExit("--cql-target-gap needs --cql-weight > 0 (the Lagrange weight's starting value)")
     return dataclasses.replace(args, env_id=env, preset=args.preset or default_preset(env), **filled)
 
 
@@ -691,7 +693,7 @@ def variant_name(args: Args) -> str:
     """The method label of summary.json: corro plus the flags that change what is learned."""
     tags = {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives]
     for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.cvae_include_test_tasks, "-leak"),
-                    (args.cql_weight > 0, "-cql"), (args.cql_weight > 0 and args.cql_target_gap is not None, "gap")):
+                    (args.cql_weight > 0, "-cql"), (args.cql_target_gap is not None, "gap")):
         tags += tag if on else ""
     return "corro" + tags
 
@@ -709,7 +711,7 @@ def make_nets(obs_dim, act_dim, args, device):
             "e2": torch.optim.Adam(nets["e2"].parameters(), lr=args.encoder_lr),
             "qf": torch.optim.Adam(nets["qf"].parameters(), lr=args.critic_lr),
             "pi": torch.optim.Adam(nets["pi"].parameters(), lr=args.actor_lr)}
-    if args.cql_weight > 0 and args.cql_target_gap is not None:
+    if args.cql_target_gap is not None:
         nets["cql_w"] = LagrangeWeight(args.cql_weight).to(device)
         opts["cql_w"] = torch.optim.Adam(nets["cql_w"].parameters(), lr=args.critic_lr)
     return nets, opts

@@ -44,7 +44,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "steps": 100_000,
         "note": "the paper's online PEARL (point-robot column: 5 tasks x (200 prior-z + 200 posterior-z) env steps and "
                 "1000 updates per iteration), no dataset; nets 3x128 (paper 300/200) in fp32, 100k of the paper's 500k "
-                "updates; ~2 h per seed on one shared core",
+                "updates; ~2.5 h per seed on one shared core",
     },
     ("macaw", "PointRobot"): {
         "preset": "default",
