@@ -163,8 +163,13 @@ class Args:
     relabel_mode: Literal["task", "pool", "mix"] = "task"
     """--context-relabel: a context's transitions come from one random train task (task), each from a random
     train task (pool), or a random share p ~ U(0, 1) from one task and the rest from random ones (mix)"""
+    rl_relabel: float = 0.0
+    """offline, a deviation: share of each RL batch's transitions drawn from every train task's data (pool mode)
+    with the rewards recomputed for the batch's task, as BOReL relabels its RL data; widens the states on which
+    each task's Q and policy are trained (point robots only; 0 = off)"""
     relabel_pool_size: int = 50000
-    """offline, --context-relabel > 0: transitions kept (split evenly over train tasks) to relabel for every task"""
+    """offline, --context-relabel or --rl-relabel > 0: transitions kept (split evenly over train tasks) to relabel
+    for every task"""
 
     # schedule / online collection (oyster configs; None = per-env table)
     num_iterations: int = 500
@@ -448,21 +453,28 @@ class RelabelPool:
         rows = np.stack([rng.choice(np.arange(ds.task_slice(t).start, ds.task_slice(t).stop), m, replace=False)
                          for t in family.train_idx])  # (n_j, M)
         obs, act, nobs = (ds.arrays[k][rows] for k in ("obs", "actions", "next_obs"))
-        rewards, _ = relabel_rewards(family, family.train_idx[:, None, None], obs[None], act[None], nobs[None])
+        rewards, dense = relabel_rewards(family, family.train_idx[:, None, None], obs[None], act[None], nobs[None])
         self.data = {k: torch.as_tensor(v, device=device) for k, v in (("obs", obs), ("actions", act), ("next_obs", nobs))}
+        # the point robots never terminate (time limit only), so relabelled rows carry terminal 0
+        self.data["terminals"] = torch.zeros(obs.shape[:2], device=device)
         self.rewards = torch.as_tensor(rewards, device=device)  # (n_i, n_j, M): the "rewards" column (sparse if sparse)
+        self.rewards_dense = None if dense is None else torch.as_tensor(dense, device=device)
 
-    def sample(self, task_rows, n: int, generator=None) -> dict:
+    def sample(self, task_rows, n: int, generator=None, mode: str | None = None) -> dict:
         n_j, m = self.rewards.shape[1:]
         dev = self.rewards.device
+        mode = mode or self.mode
         src = torch.randint(n_j, (len(task_rows), 1), device=dev, generator=generator)
-        if self.mode != "task":  # pool: each transition from a random train task; mix: a share p ~ U(0, 1) of
+        if mode != "task":  # pool: each transition from a random train task; mix: a share p ~ U(0, 1) of
             # the context from the one source task, the rest from random ones (concentrated to spread states)
-            p = torch.rand(len(task_rows), 1, device=dev, generator=generator) if self.mode == "mix" else 0.0
+            p = torch.rand(len(task_rows), 1, device=dev, generator=generator) if mode == "mix" else 0.0
             other = torch.randint(n_j, (len(task_rows), n), device=dev, generator=generator)
             src = torch.where(torch.rand(len(task_rows), n, device=dev, generator=generator) < p, src, other)
         idx = torch.randint(m, (len(task_rows), n), device=dev, generator=generator)
-        return {k: v[src, idx] for k, v in self.data.items()} | {"rewards": self.rewards[task_rows[:, None], src, idx]}
+        out = {k: v[src, idx] for k, v in self.data.items()} | {"rewards": self.rewards[task_rows[:, None], src, idx]}
+        if self.rewards_dense is not None:
+            out["rewards_dense"] = self.rewards_dense[task_rows[:, None], src, idx]
+        return out
 
 
 class TaskBuffers:
@@ -715,6 +727,7 @@ def collect(nets, family, rows, n_steps, posterior, rl_buf, enc_buf, to_enc, arg
 def variant_name(args: Args) -> str:
     """The method label of summary.json: pearl, plus the variant flags that change what is learned."""
     return "pearl" + "".join(tag for on, tag in ((args.online, "-online"), (args.context_relabel > 0, "-relabel"),
+                                                 (args.rl_relabel > 0, "-rlrelabel"),
                                                  (args.deterministic_z, "-detz")) if on)
 
 
@@ -747,9 +760,12 @@ def main(args: Args):
         ctx_ds = tail_dataset(ds, args.context_tail) if args.context_pool == "tail" else ds
         ctx_src = rl_src if args.context_pool == "all" else TaskBatchSampler(ctx_ds, family.train_idx, device, keys=keys)
     relabel_src = None
-    if args.context_relabel > 0:
+    if args.context_relabel > 0 or args.rl_relabel > 0:
         if args.online:
-            raise SystemExit("--context-relabel is an offline option; online PEARL collects its own contexts")
+            raise SystemExit("--context-relabel and --rl-relabel are offline options; online PEARL collects its own data")
+        if args.rl_relabel > 0 and bool(ds.arrays["terminals"].any()):
+            raise SystemExit(f"--rl-relabel needs a family without terminal states; {args.env_id} data has terminals, "
+                             f"which depend on the task and cannot be relabelled")
         relabel_src = RelabelPool(ds, family, args.relabel_pool_size, device, seed=args.seed, mode=args.relabel_mode)
 
     nets, opts = make_nets(family.obs_dim, family.act_dim, args, device)
@@ -816,7 +832,11 @@ def main(args: Args):
             tasks = train_rows[torch.randint(len(train_rows), (args.meta_batch,), device=device, generator=gen)]
             batch = sample_rows(rl_src.data, rl_src.counts, tasks, args.batch_size, gen)
             cbatch = sample_rows(ctx_src.data, ctx_src.counts, tasks, args.context_size, gen)
-            if relabel_src is not None:  # deviation: some contexts carry the task in their rewards only
+            if args.rl_relabel > 0:  # deviation: part of each task's RL rows come from other tasks' states
+                rel = relabel_src.sample(tasks, args.batch_size, gen, mode="pool")
+                pick = torch.rand(len(tasks), args.batch_size, 1, device=device, generator=gen) < args.rl_relabel
+                batch = {k: torch.where(pick if v.dim() == 3 else pick[..., 0], v, batch[k]) for k, v in rel.items()}
+            if args.context_relabel > 0:  # deviation: some contexts carry the task in their rewards only
                 rel = relabel_src.sample(tasks, args.context_size, gen)
                 pick = torch.rand(len(tasks), 1, 1, device=device, generator=gen) < args.context_relabel
                 cbatch = {k: torch.where(pick if v.dim() == 3 else pick[..., 0], v, cbatch[k]) for k, v in rel.items()}
@@ -855,7 +875,8 @@ def main(args: Args):
                          "B_per_episode_test": res["test"]["B_all"].tolist(), "train_time_s": train_time,
                          "settings": {k: getattr(args, k) for k in ("reward_scale", "kl_lambda", "gamma", "meta_batch",
                                                                      "context_size", "net_size", "encoder_size",
-                                                                     "batch_size", "bf16", "context_pool", "context_relabel")}})
+                                                                     "batch_size", "bf16", "context_pool", "context_relabel",
+                                                                     "rl_relabel")}})
     logger.close()
     print(f"done: {step} steps, {ups:.2f} updates/s, summary in {run_dir}/summary.json", flush=True)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pearl
-from common.data import TaskBatchSampler, ensure_dataset
+from common import collect
+from common.data import TaskBatchSampler, ensure_dataset, load_dataset
 from common.envs import make_family
 
 
@@ -329,5 +330,31 @@ def test_variant_names_and_relabel_refused_online(tmp_path):
     assert pearl.variant_name(pearl.Args()) == "pearl"
     assert pearl.variant_name(pearl.Args(online=True, deterministic_z=True)) == "pearl-online-detz"
     assert pearl.variant_name(pearl.Args(context_relabel=0.5)) == "pearl-relabel"
+    assert pearl.variant_name(pearl.Args(context_relabel=1.0, rl_relabel=0.5)) == "pearl-relabel-rlrelabel"
     with pytest.raises(SystemExit, match="offline option"):
         pearl.main(pearl.Args(online=True, context_relabel=1.0, cuda=False, run_dir=str(tmp_path / "r")))
+    with pytest.raises(SystemExit, match="offline option"):
+        pearl.main(pearl.Args(online=True, rl_relabel=0.5, cuda=False, run_dir=str(tmp_path / "r2")))
+
+
+def test_rl_relabel_rows_cover_many_tasks_with_the_batch_tasks_dense_reward(tmp_path):
+    """--rl-relabel draws RL rows in pool mode whatever --relabel-mode says (states from many train tasks), with the
+    batch task's reward -- the dense one in the RL column of a sparse family -- and terminal 0."""
+    fam = make_family("PointRobot")
+    pool = pearl.RelabelPool(ensure_dataset("PointRobot", "default"), fam, 4000, "cpu", seed=0, mode="task")
+    n = len(fam.train_idx)
+    b = pool.sample(torch.tensor([3, 3]), 64, torch.Generator().manual_seed(0), mode="pool")
+    srcs = {j for o in b["obs"][0] for j in range(n) if (pool.data["obs"][j] == o).all(-1).any()}
+    assert len(srcs) > 10 and "rewards_dense" not in b
+    assert b["terminals"].shape == (2, 64) and not b["terminals"].any()
+    # A sparse family: the sparse column stays sparse (context reward), the dense one is the batch task's distance.
+    path = tmp_path / "sparse.npz"
+    collect.main(collect.Args(env_id="SparsePointRobot", out=str(path), iterations=1, updates_per_iter=1))
+    fam = make_family("SparsePointRobot")
+    pool = pearl.RelabelPool(load_dataset(path, "SparsePointRobot"), fam, 400, "cpu", seed=0)
+    b = pool.sample(torch.tensor([3, 7]), 64, torch.Generator().manual_seed(0), mode="pool")
+    goal = torch.as_tensor(fam.tasks[fam.train_idx[[3, 7]]])
+    dist = (b["next_obs"] - goal[:, None]).norm(dim=-1)
+    torch.testing.assert_close(b["rewards_dense"], -dist, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b["rewards"], torch.where(dist <= fam.config["goal_radius"], 1.0 - dist,
+                                                         torch.zeros_like(dist)), atol=1e-5, rtol=0)
