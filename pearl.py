@@ -64,6 +64,11 @@ Deviations:
   ``--relabel-mode`` picks where a relabelled context's transitions come from: one random train task (task),
   each from a random train task (pool), or a mixture (mix). Measured in the README: relabelling lifts protocol B
   and costs protocol A; none of the three modes matches the default's protocol A.
+- ``--rl-relabel F`` (offline only, off by default, same families): a share F of each RL batch of task i is
+  drawn from all train tasks' data with task i's rewards (terminal 0: the point robots only time out). Why:
+  task i's own rows cover the path to its goal only, so Q(s, a, z_i) and pi(a | s, z_i) are untrained on the
+  states a test-time episode reaches after a wrong first guess; relabelled rows train them everywhere the data
+  go, as BOReL trains its policy on relabelled data.
 - ``--deterministic-z``: the paper's ablation (z = mean of the encoder outputs, no KL), off by default.
 - ``--bf16``: optional autocast for the update's matmuls (fp32 weights, optimiser and posterior/KL).
 """
