@@ -47,7 +47,10 @@ Deviations:
   the agent's own exploration episodes stays near the prior (the z-shift that Phase 2, with the encoder frozen,
   cannot repair). With ``all`` most rows carry another task's actions, so AWR needs a small beta (1 works, 100
   imitates them all). Numpy families only (their reward is a function of (s, a, s')); in MuJoCo families the
-  observation hides the task (no x/y position), the paper's setting.
+  observation hides the task (no x/y position), the paper's setting. ``--relabel-context-source task`` (off
+  by default) draws each relabelled context from one random train task's rows instead of the whole pool, so a
+  training context looks like one exploration trajectory scored with this task's rewards (what Phase 2 and the
+  online protocol feed the encoder).
 - The target action a' is drawn with the same zbar as the target Q (the official agent draws a second
   posterior sample for it; the spec calls this harmless).
 - Vectorised: the meta-batch in one (T, B, .) tensor, Q1/Q2 as one 2-member batched network (one optimiser
@@ -155,6 +158,9 @@ class Args:
     """all: every train task's buffer holds all train tasks' offline rows with its own rewards (the official,
     unused ``relabel_offline_dataset``); context: only its context buffer does (RL batches stay its own rows);
     numpy families only"""
+    relabel_context_source: Literal["pool", "task"] = "pool"
+    """--relabel-offline all/context: a context's relabelled rows come from all train tasks' rows (pool, the
+    official buffer) or all from one random train task's rows (task: like one test-time exploration trajectory)"""
     context_buffer: Literal["shared", "separate"] | None = None
     """shared: one buffer per task for RL batches and contexts (Ant-Dir); separate: posterior-episode data go
     to the RL buffer only (Cheetah-Vel). Default: separate with --relabel-offline context, else shared"""
@@ -209,6 +215,8 @@ def resolve_args(args: Args) -> Args:
         filled["context_buffer"] = "separate" if args.relabel_offline == "context" else "shared"
     elif args.relabel_offline == "context" and args.context_buffer == "shared":
         raise SystemExit("--relabel-offline context needs --context-buffer separate (RL and context rows differ)")
+    if args.relabel_context_source == "task" and args.relabel_offline == "off":
+        raise SystemExit("--relabel-context-source task needs --relabel-offline all or context")
     return dataclasses.replace(args, env_id=env, preset=args.preset or default_preset(env), **filled)
 
 
@@ -418,8 +426,9 @@ class TaskData:
     def offline_size(self, rows):
         return self.off_counts.sum().expand(len(rows)) if self.relabel is not None else self.off_counts[rows]
 
-    def sample(self, rows, n: int, generator=None, offline_only: bool = False) -> dict:
-        """n transitions per listed task row: dict of (len(rows), n, ...) tensors."""
+    def sample(self, rows, n: int, generator=None, offline_only: bool = False, one_source: bool = False) -> dict:
+        """n transitions per listed task row: dict of (len(rows), n, ...) tensors. ``one_source`` (relabelled
+        buffers): each row's offline transitions all come from one random train task's rows."""
         n_off = self.offline_size(rows)[:, None]
         total = n_off if offline_only else n_off + self.new_counts[rows][:, None]
         u = torch.rand(len(rows), n, device=n_off.device, generator=generator, dtype=torch.float64)
@@ -428,6 +437,11 @@ class TaskData:
         i_off = idx.minimum(n_off - 1)  # offline index (rows drawn from the appended part are replaced below)
         if self.relabel is None:
             src, m = r, i_off
+        elif one_source:
+            src = torch.randint(len(self.off_counts), (len(rows), 1), device=n_off.device,
+                                generator=generator).expand(-1, n)
+            u2 = torch.rand(len(rows), n, device=n_off.device, generator=generator, dtype=torch.float64)
+            m = (u2 * self.off_counts[src]).long()
         else:  # union index -> (source task, row)
             src = torch.searchsorted(self.start, i_off, right=True) - 1
             m = i_off - self.start[src]
@@ -643,14 +657,15 @@ def collect(nets, family, rows, n_steps, posterior, ctx_buf, args, device, gen, 
     venv = family.make_vec_env(family.train_idx[rows], 1, seed=int(np_rng.randint(2**31)))
     out = [{k: [] for k in KEYS} for _ in range(K)]
     errs = []
+    one_src = args.relabel_context_source == "task"
     for ep in range(math.ceil(n_steps / family.horizon)):
         with torch.no_grad():
             post = None
             if posterior and ep > 0:
                 post = infer_posterior(nets["encoder"], context_tensor(
-                    ctx_buf.sample(rows_t, args.label_context_size, gen)))
+                    ctx_buf.sample(rows_t, args.label_context_size, gen, one_source=one_src)))
             z_r = sample_z(*infer_posterior(nets["encoder"], context_tensor(
-                ctx_buf.sample(rows_t, args.label_context_size, gen, offline_only=True))), gen)
+                ctx_buf.sample(rows_t, args.label_context_size, gen, offline_only=True, one_source=one_src))), gen)
         obs, alive, steps = venv.reset(), np.ones(K, bool), []
         for _t in range(family.horizon):
             z = sample_z(*post, gen) if post is not None else torch.randn(K, L, device=device, generator=gen)
@@ -681,6 +696,7 @@ def collect(nets, family, rows, n_steps, posterior, ctx_buf, args, device, gen, 
 
 def variant_name(args: Args) -> str:
     relabel = {"off": "", "all": "-relabel", "context": "-relabelctx"}[args.relabel_offline]
+    relabel += "-task" if relabel and args.relabel_context_source == "task" else ""
     return "smac" + relabel + ("-tail" if args.data_tail > 0 else "") + ("-oracle" if args.oracle_rewards else "")
 
 
@@ -760,7 +776,8 @@ def main(args: Args):
             # ALGO LOGIC: meta-batch with replacement; RL batch and context drawn independently from the task
             tasks = train_rows[torch.randint(len(train_rows), (args.meta_batch,), device=device, generator=gen)]
             batch = rl_buf.sample(tasks, batch_size, gen)
-            context = context_tensor(ctx_buf.sample(tasks, args.context_size, gen))
+            context = context_tensor(ctx_buf.sample(tasks, args.context_size, gen,
+                                                    one_source=args.relabel_context_source == "task"))
             stats = smac_update(nets, opts, batch, context, args, online, gen)
             step += 1
             if step % args.log_every == 0:

@@ -37,6 +37,16 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "as pearl/PointRobot plus --context-relabel 1.0 --relabel-mode pool (training contexts: transitions of "
                 "random train tasks with this task's rewards, so only rewards identify the task); ~10 min per seed",
     },
+    ("pearl-relabel-rlrelabel", "PointRobot"): {
+        "script": "pearl",
+        "preset": "default",
+        "args": ["--context-relabel", "1.0", "--relabel-mode", "task", "--rl-relabel", "0.5", "--eval-every", "2500",
+                 "--net-size", "128", "--encoder-size", "128", "--no-cuda"],
+        "steps": 20_000,
+        "note": "as pearl/PointRobot in fp32, plus relabelled contexts (one other train task's data with this task's "
+                "rewards) and half of each RL batch from all train tasks' data with this task's rewards; "
+                "~30 min per seed on one shared core",
+    },
     ("pearl-online", "PointRobot"): {
         "script": "pearl",
         "preset": "default",

@@ -207,6 +207,14 @@ def test_relabelled_buffers_hold_every_train_tasks_rows_with_this_tasks_rewards(
     ang = torch.atan2(s["next_obs"][0, :, 1], s["next_obs"][0, :, 0])
     far = s["next_obs"][0].norm(dim=-1) > 0.7
     assert ang[far].std() > 0.6
+    # --relabel-context-source task: each row's context is one source task's rows, still with this task's rewards.
+    c = buf.sample(torch.tensor([0] * 20 + [5]), 32, torch.Generator().manual_seed(2), one_source=True)
+    def sources(o):  # the train tasks whose offline rows contain state o
+        return {j for j in range(len(counts)) if (data["obs"][j, :counts[j]] == o).all(-1).any()}
+    common = [set.intersection(*[sources(o) for o in c["obs"][i]]) for i in range(21)]
+    assert all(len(x) >= 1 for x in common)  # every row's 32 states share one source task
+    assert len({min(x) for x in common}) > 5  # and different rows use different sources
+    torch.testing.assert_close(c["rewards"][:20], -(c["next_obs"][:20] - goals[0]).norm(dim=-1), atol=1e-5, rtol=0)
     # Families whose reward needs simulator state (MuJoCo) are refused with a clear message.
     cheetah_like = copy.copy(fam)
     cheetah_like.env_id = "HalfCheetahVel"
@@ -313,3 +321,6 @@ def test_discrete_families_are_refused_and_variant_names(tmp_path):
     assert smac.variant_name(smac.Args(data_tail=10_000)) == "smac-tail"
     with pytest.raises(SystemExit, match="separate"):
         smac.resolve_args(smac.Args(relabel_offline="context", context_buffer="shared"))
+    assert smac.variant_name(smac.Args(relabel_offline="all", relabel_context_source="task")) == "smac-relabel-task"
+    with pytest.raises(SystemExit, match="needs --relabel-offline"):
+        smac.resolve_args(smac.Args(relabel_context_source="task"))
