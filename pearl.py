@@ -482,6 +482,11 @@ class RelabelPool:
         return out
 
 
+def overlay(pick, new: dict, old: dict) -> dict:
+    """Rows of ``new`` where pick (T, N or 1, 1) is set, else those of ``old``; keys of ``new`` only."""
+    return {k: torch.where(pick if v.dim() == 3 else pick[..., 0], v, old[k]) for k, v in new.items()}
+
+
 class TaskBuffers:
     """Online per-task buffers with the same (tasks, rows, dim) + counts layout as TaskBatchSampler; grows by
     doubling; ``clear`` empties a task's buffer (oyster's encoder buffer is cleared per collection)."""
@@ -840,11 +845,11 @@ def main(args: Args):
             if args.rl_relabel > 0:  # deviation: part of each task's RL rows come from other tasks' states
                 rel = relabel_src.sample(tasks, args.batch_size, gen, mode="pool")
                 pick = torch.rand(len(tasks), args.batch_size, 1, device=device, generator=gen) < args.rl_relabel
-                batch = {k: torch.where(pick if v.dim() == 3 else pick[..., 0], v, batch[k]) for k, v in rel.items()}
+                batch = overlay(pick, rel, batch)
             if args.context_relabel > 0:  # deviation: some contexts carry the task in their rewards only
                 rel = relabel_src.sample(tasks, args.context_size, gen)
                 pick = torch.rand(len(tasks), 1, 1, device=device, generator=gen) < args.context_relabel
-                cbatch = {k: torch.where(pick if v.dim() == 3 else pick[..., 0], v, cbatch[k]) for k, v in rel.items()}
+                cbatch = overlay(pick, rel, cbatch)
             context = context_tensor(cbatch, "rewards", args.use_next_obs_in_context)
             stats = pearl_update(nets, opts, batch, context, args, rl_key, gen)
             step += 1

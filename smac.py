@@ -769,6 +769,8 @@ def main(args: Args):
               f"train A {res['train']['A'].mean():.3f} B {res['train']['B'].mean():.3f}", flush=True)
         return res
 
+    one_src = args.relabel_context_source == "task"
+
     def train_block(n_steps, online, batch_size):
         nonlocal step, train_time
         t0, last = time.time(), {}
@@ -776,8 +778,7 @@ def main(args: Args):
             # ALGO LOGIC: meta-batch with replacement; RL batch and context drawn independently from the task
             tasks = train_rows[torch.randint(len(train_rows), (args.meta_batch,), device=device, generator=gen)]
             batch = rl_buf.sample(tasks, batch_size, gen)
-            context = context_tensor(ctx_buf.sample(tasks, args.context_size, gen,
-                                                    one_source=args.relabel_context_source == "task"))
+            context = context_tensor(ctx_buf.sample(tasks, args.context_size, gen, one_source=one_src))
             stats = smac_update(nets, opts, batch, context, args, online, gen)
             step += 1
             if step % args.log_every == 0:
