@@ -46,6 +46,10 @@ Deviations (and fixes of the official defects, spec borel.md §8):
 - Tasks of a VAE minibatch are drawn without replacement, its rollouts with replacement; one epoch = ceil(R/8) x
   ceil(T/8) updates as in the official code. The decoder's first layer is split into a z part and an x part that are
   broadcast-added, so the (H+ + 1) x H+ decode grid costs one small matmul per side (same function).
+- ``--rl-relabel`` (off by default, as in the official configs) trains the RL stage on the relabelled rollouts too
+  (official option ``hindsight_relabelling``). The official code mixes rows that already carry the beliefs of their
+  original rewards; here the beliefs are recomputed on the mixed rollouts, so a relabelled row's belief matches its
+  reward sequence, as it will at test.
 - Fixed alpha only, no CQL (both as the official configs run).
 - Also reported: mode A (the belief after one offline episode of the test task's data, then one episode), the
   project's common offline-context protocol.
@@ -118,6 +122,10 @@ class Args:
     """reward decoder: two hidden layers of this width"""
     relabel: bool = True
     """reward relabelling of the VAE's training rollouts (--no-relabel: the paper's ablation)"""
+    rl_relabel: bool = False
+    """also train the RL stage on the relabelled rollouts (official option hindsight_relabelling, off in its configs):
+    a task's batch then holds other tasks' episodes scored with its own reward, so the policy cannot read the task
+    from the states of its data and must use the belief"""
 
     # offline RL on belief-augmented states
     hidden: int | None = None
@@ -587,6 +595,9 @@ def main(args: Args):
     args = resolve_args(args)
     family = make_family(args.env_id, args.preset)
     k = family.episodes_per_task
+    if args.rl_relabel and not args.relabel:
+        raise SystemExit("--rl-relabel trains the RL stage on the relabelled rollouts; it needs reward relabelling "
+                         "(drop --no-relabel)")
     if args.relabel:
         try:
             relabel_rewards(family, family.train_idx[:1], np.zeros((1, family.obs_dim), np.float32),
@@ -614,7 +625,8 @@ def main(args: Args):
     ckpt_path = Path(run_dir) / "checkpoint.pt"
     meta = {"method": "borel", "env_id": args.env_id, "preset": args.preset, "seed": args.seed, "obs_dim": family.obs_dim,
             "act_dim": family.act_dim, "n_actions": family.n_actions, "latent_dim": args.latent_dim, "hidden": args.hidden,
-            "gru_hidden": args.gru_hidden, "relabel": args.relabel}
+            "gru_hidden": args.gru_hidden, "relabel": args.relabel,
+            "rl_relabel": args.rl_relabel}
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
         vae.load_state_dict(state["vae"])
@@ -629,7 +641,7 @@ def main(args: Args):
         print(f"resumed {ckpt_path}: stage {stage}, VAE step {vae_step}, RL step {step}", flush=True)
     logger = Logger(run_dir, {**vars(args), "run_dir": str(run_dir)})
     print(f"BOReL on {args.env_id}/{args.preset}: {T_tasks} train / {len(family.test_idx)} test tasks, k={k} episodes of "
-          f"H={family.horizon}, {len(roll_np['task'])} rollouts, relabel={args.relabel}, VAE {vae_steps} updates "
+          f"H={family.horizon}, {len(roll_np['task'])} rollouts, relabel={args.relabel}, rl_relabel={args.rl_relabel}, VAE {vae_steps} updates "
           f"({args.vae_epochs:g} epochs), {'DQN' if family.discrete else 'SAC'} {args.hidden}x2 for {args.total_steps} updates",
           flush=True)
     t_start = time.time()
@@ -672,10 +684,12 @@ def main(args: Args):
         stage = "rl"
         checkpoint()
 
-    # ALGO LOGIC: stage 2, state relabelling with the frozen encoder (the unmixed data), then offline DQN / SAC
+    # ALGO LOGIC: stage 2, state relabelling with the frozen encoder (the unmixed data, or with --rl-relabel the
+    # relabelled rollouts, whose beliefs are then computed from the relabelled rewards), then offline DQN / SAC
     for p in vae.parameters():
         p.requires_grad_(False)
-    data = HyperData(roll, beliefs(vae, roll, bits), args.goal_terminal)
+    rl_roll = vae_data if args.rl_relabel else roll
+    data = HyperData(rl_roll, beliefs(vae, rl_roll, bits), args.goal_terminal)
     res, scalars = None, {}
     if step == 0:
         res, scalars = evaluate(step, nets, vae, family, ds, k, args, device, logger)
@@ -714,7 +728,8 @@ def main(args: Args):
     modes = {"B_sum": eval_entry(ret_b.sum(1), res[("B", "train")][0].sum(1))}
     modes |= {f"B_ep{e + 1}": eval_entry(ret_b[:, e], res[("B", "train")][0][:, e]) for e in range(k)}
     modes["A"] = eval_entry(res[("A", "test")][0][:, 0])
-    write_summary(run_dir, method="borel" if args.relabel else "borel-norelabel", env_id=args.env_id, preset=args.preset,
+    method = ("borel-rlrelabel" if args.rl_relabel else "borel") if args.relabel else "borel-norelabel"
+    write_summary(run_dir, method=method, env_id=args.env_id, preset=args.preset,
                   seed=args.seed, total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups,
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,
                   extra={"vae": history[0] if history else None, "final": last, "train_time_s": train_time,

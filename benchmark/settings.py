@@ -146,6 +146,15 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "BOReL on the shared PointRobot dataset (k = 1 episode of 20 steps): VAE 100 epochs, SAC 128x2, "
                 "gamma 0.9, alpha 0.01; 30k of the paper's 5M SAC updates; ~47 min on one shared core",
     },
+    ("borel-rlrelabel", "PointRobot"): {
+        "script": "borel",
+        "preset": "default",
+        "args": ["--rl-relabel", "--eval-every", "2000", "--no-cuda"],
+        "steps": 20_000,
+        "note": "as borel/PointRobot, plus the RL stage on the relabelled rollouts (about 63% of a task's episodes "
+                "are other tasks' episodes scored with its reward, beliefs recomputed on them); 20k SAC updates; "
+                "~35 min per seed on one shared core",
+    },
     ("borel-norelabel", "GridNavi"): {
         "script": "borel",
         "preset": "borel",

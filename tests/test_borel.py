@@ -195,3 +195,49 @@ def test_main_runs_writes_bamdp_episodes_and_resumes_identically(grid_ds, tmp_pa
     with pytest.raises(Exception, match="GridNavi"):  # a dataset of another family
         borel.main(borel.Args(env_id="PointRobot", dataset=str(grid_ds.path), run_dir=str(tmp_path / "pr"), cuda=False,
                               relabel=False))
+
+
+def test_rl_relabel_is_its_own_variant_needs_relabelling_and_refuses_a_plain_checkpoint(grid_ds, tmp_path):
+    kw = dict(cuda=False, dataset=str(grid_ds.path), gru_hidden=16, hidden=16, vae_epochs=0.5, meta_batch=4,
+              batch_size=32, updates_per_iter=10, eval_every=20, print_every=1000, log_every=10)
+    with pytest.raises(SystemExit, match="--rl-relabel"):
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad"), relabel=False, rl_relabel=True, **kw))
+    borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "rl"), rl_relabel=True, **kw))
+    summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    assert summary["method"] == "borel-rlrelabel" and summary["total_steps"] == 20
+    borel.main(borel.Args(total_steps=10, run_dir=str(tmp_path / "plain"), **kw))
+    with pytest.raises(Exception, match="rl_relabel"):  # a plain run's checkpoint must not resume as the variant
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "plain"), resume=True, rl_relabel=True, **kw))
+
+
+def test_relabelled_rl_rows_carry_the_rows_task_reward_and_beliefs_of_those_rewards():
+    """--rl-relabel's RL rows: a task's rows hold other tasks' states whose rewards are this task's reward function,
+    and their beliefs are the encoder's on the relabelled reward sequence (not the original one)."""
+    torch.manual_seed(0)
+    fam = make_family("PointRobot", "default")
+    rng = np.random.RandomState(0)
+    R, H = 24, fam.horizon
+    task = np.repeat(fam.train_idx[:6], 4)
+    obs = rng.uniform(-1, 1, (R, H, 2)).astype(np.float32)
+    act = rng.uniform(-1, 1, (R, H, 2)).astype(np.float32)
+    nobs = (obs + 0.1 * act).astype(np.float32)
+    rew = borel.relabel_rewards(fam, task[:, None], obs, act, nobs)[0].astype(np.float32)
+    roll = {"obs": obs, "next_obs": nobs, "actions": act, "rewards": rew, "terminals": np.zeros((R, H), bool),
+            "success": np.zeros((R, H), bool), "task": task}
+    mixed = borel.mix_rollouts(roll, fam, 1, np.random.RandomState(1))
+    moved = np.any(mixed["obs"] != roll["obs"], axis=(1, 2))
+    assert 0.3 < moved.mean() < 0.9
+    want = borel.relabel_rewards(fam, mixed["task"][:, None], mixed["obs"], mixed["actions"], mixed["next_obs"])[0]
+    np.testing.assert_allclose(mixed["rewards"], want, rtol=1e-5, atol=1e-5)
+    assert np.any(np.abs(mixed["rewards"][moved] - rew[moved]) > 1e-3)  # same rows as before would score differently
+    args = tiny_args(env_id="PointRobot")
+    vae = borel.VAE(2, 2, 0, "point", args, done_bit=False)
+    bits = borel.done_bits(H, 1, "cpu")
+    t = borel.to_tensors(mixed, False, "cpu")
+    bel = borel.beliefs(vae, t, bits)
+    data = borel.HyperData(t, bel, goal_terminal=True)
+    row = data.packed[0].reshape(4, H, -1)  # task 0's four (possibly relabelled) rollouts in order
+    torch.testing.assert_close(row[..., data.slices["r"]][..., 0], t["rewards"][:4])
+    torch.testing.assert_close(row[..., data.slices["x"]][..., 2:], bel[:4, :-1])
+    orig = borel.beliefs(vae, borel.to_tensors(roll, False, "cpu"), bits)
+    assert (bel[moved] - orig[moved]).abs().amax() > 1e-4
