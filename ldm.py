@@ -54,6 +54,10 @@ Deviations (LDM is online and on-policy in the paper; the offline variant of spe
 - Measured, not changed: trained with dropout 0.7, the grid decoder in eval mode (dropout off) is badly calibrated (its
   p(r = 1) at the true goal falls to ~0 while it is 0.96-0.98 with dropout on), so `--no-mix-dropout` imagines almost no
   reward at all; the official code never switches dropout off.
+- ``--relabel-share F`` (not in the paper, off by default): F of the real rollouts of each policy batch are replaced by
+  relabelled ones, another training task's stored rollout with the true rewards of a random other training task
+  (from a fixed pool drawn once). The per-task data agents only walk to their own goals, so without it a policy can
+  tell the task from its states; with it every task's reward appears on every task's states.
 - Also reported: mode A (policy GRU state after one offline episode of the test task's data, then one episode).
 """
 
@@ -71,7 +75,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.data import bamdp_rollout_rows, ensure_dataset
-from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family
+from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family, relabel_rewards
 from common.evaluation import run_episodes
 from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir,
                          pick_device, print_progress, save_checkpoint, seed_everything, write_summary)
@@ -126,6 +130,13 @@ class Args:
     """extrapolation beta of the mixture weights (1: convex mixtures; AntGoal 2)"""
     mix_dropout: bool = True
     """decoder dropout on when imagining rewards (official: the decoder is never put in eval mode)"""
+    relabel_share: float = 0.0
+    """share of the real rollouts in a policy batch replaced by reward-relabelled ones: another training task's
+    rollout scored with this rollout's task reward (true rewards, not decoded; point robots and grid only). Not in the
+    paper (0 = off): per-task data cover only the way to each goal, relabelling shows the policy every task's reward
+    on every task's states, so it must read the task from rewards"""
+    relabel_pool: int = 4
+    """relabelled rollouts precomputed per stored rollout (fixed pool, drawn once with the run's seed)"""
 
     # policy (RL^2 network, the *_rl2.py configs) and its offline learner
     policy_gru: int = 128
@@ -398,6 +409,19 @@ class Mixer:
         mhat = self.latents(n_seq, torch.arange(T, device=self.mu.device), generator)  # belief before step t
         b["rewards"] = imaginary_rewards(self.vae, mhat, b["obs"], b["actions"], b["next_obs"], self.dropout)
         return b
+
+
+def relabel_pool(roll: dict, family, size: int, rng: np.random.RandomState) -> dict:
+    """--relabel-share: `size` relabelled rollouts as numpy arrays, host (P,) a stored rollout index and rewards (P, H+)
+    the rewards its transitions earn in target (P,), a random training task other than the host's own."""
+    tasks = np.unique(roll["task"])
+    if len(tasks) < 2:
+        raise SystemExit("--relabel-share needs at least two training tasks")
+    host = rng.randint(len(roll["task"]), size=size)
+    shift = rng.randint(1, len(tasks), size=size)  # a uniformly random task other than the host's
+    target = tasks[(np.searchsorted(tasks, roll["task"][host]) + shift) % len(tasks)]
+    rewards = relabel_rewards(family, target[:, None], roll["obs"][host], roll["actions"][host], roll["next_obs"][host])[0]
+    return {"host": host, "target": target, "rewards": rewards.astype(np.float32)}
 
 
 @torch.no_grad()
@@ -692,6 +716,14 @@ def main(args: Args):
     k = family.episodes_per_task
     if not 0 <= args.n_mix < args.workers:
         raise SystemExit(f"--n-mix must lie in [0, --workers) = [0, {args.workers}), got {args.n_mix}")
+    if not 0.0 <= args.relabel_share <= 1.0:
+        raise SystemExit(f"--relabel-share must lie in [0, 1], got {args.relabel_share}")
+    if args.relabel_share > 0:
+        try:  # before any data is loaded or built: MuJoCo rewards cannot be recomputed from (s, a, s')
+            relabel_rewards(family, family.train_idx[:1], np.zeros((1, family.obs_dim), np.float32),
+                            np.zeros((1, max(family.act_dim, 1)), np.float32), np.zeros((1, family.obs_dim), np.float32))
+        except NotImplementedError as e:
+            raise SystemExit(f"--relabel-share: {e}")
     run_dir = make_run_dir(args.env_id, "ldm", args.seed, args.run_dir)
     check_fresh_run_dir(run_dir, args.resume)
     seed_everything(args.seed)
@@ -709,12 +741,18 @@ def main(args: Args):
     opts["vae"] = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     n_imag = int(round(args.batch_size * args.n_mix / args.workers))
     n_real = args.batch_size - n_imag
+    n_rel = int(round(n_real * args.relabel_share))
+    pool = None
+    if n_rel:
+        pool = relabel_pool(roll_np, family, args.relabel_pool * R, np.random.RandomState(args.seed))
+        pool = {key: torch.as_tensor(v, device=device) for key, v in pool.items()}
 
     stage, vae_step, step, train_time, wall_before, history, probe = "vae", 0, 0, 0.0, 0.0, [], {}
     ckpt_path = Path(run_dir) / "checkpoint.pt"
     meta = {"method": "ldm", "env_id": args.env_id, "preset": args.preset, "seed": args.seed, "obs_dim": family.obs_dim,
             "act_dim": family.act_dim, "n_actions": family.n_actions, "latent_dim": args.latent_dim,
-            "policy_gru": args.policy_gru, "policy_latent": args.policy_latent, "n_mix": args.n_mix}
+            "policy_gru": args.policy_gru, "policy_latent": args.policy_latent, "n_mix": args.n_mix,
+            "relabel_share": args.relabel_share, "relabel_pool": args.relabel_pool}
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
         vae.load_state_dict(state["vae"])
@@ -730,7 +768,7 @@ def main(args: Args):
     logger = Logger(run_dir, {**vars(args), "run_dir": str(run_dir)})
     print(f"LDM on {args.env_id}/{args.preset}: {len(family.train_idx)} train / {len(family.test_idx)} test tasks, k={k} "
           f"episodes of H={family.horizon}, {R} rollouts; VAE {args.vae_steps} updates, "
-          f"{'double DQN' if family.discrete else 'SAC'} on {n_real} real + {n_imag} imaginary rollouts for "
+          f"{'double DQN' if family.discrete else 'SAC'} on {n_real} real ({n_rel} relabelled) + {n_imag} imaginary rollouts for "
           f"{args.total_steps} updates (n_mix {args.n_mix}/{args.workers})", flush=True)
     t_start = time.time()
 
@@ -793,8 +831,14 @@ def main(args: Args):
         t0 = time.time()
         n_block = min(args.eval_every - step % args.eval_every, args.total_steps - step)
         for _ in range(n_block):
-            idx = torch.randint(R, (n_real,), device=device, generator=gen)
+            idx = torch.randint(R, (n_real - n_rel,), device=device, generator=gen)
             b = {key: roll[key][idx] for key in ("obs", "next_obs", "actions", "rewards", "terminals")}
+            if n_rel:  # another task's rollout with this pool entry's task rewards; it never ends the bootstrap
+                j = torch.randint(len(pool["host"]), (n_rel,), device=device, generator=gen)
+                host = pool["host"][j]
+                rel = {key: roll[key][host] for key in ("obs", "next_obs", "actions")}
+                rel |= {"rewards": pool["rewards"][j], "terminals": torch.zeros_like(roll["terminals"][host])}
+                b = {key: torch.cat([b[key], rel[key]]) for key in b}
             if n_imag:
                 imag = mixer.sample(n_imag, gen)
                 b = {key: torch.cat([b[key], imag[key]]) for key in b}
@@ -831,11 +875,13 @@ def main(args: Args):
     # the summary's method names the variant, so ablations sit in their own rows of the results table
     variant = "ldm-nomix" if not args.n_mix else "ldm" if args.n_mix == family_table(args.env_id)["n_mix"] \
         else f"ldm-mix{args.n_mix}"
+    variant += "-relabel" if n_rel else ""
     write_summary(run_dir, method=variant, env_id=args.env_id, preset=args.preset,
                   seed=args.seed, total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups,
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,
                   extra={"vae": vae_hist, "probe": probe, "final": last, "train_time_s": train_time,
                          "vae_updates": args.vae_steps, "n_mix": args.n_mix, "imaginary_per_batch": n_imag,
+                         "relabelled_per_batch": n_rel,
                          "success_B_test": float(res[("B", "test")][1].any(1).mean()), "first_eval": first_eval,
                          "best_B_test_sum": max((h.get("B_test_sum", -1e9) for h in history), default=None)})
     logger.close()

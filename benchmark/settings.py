@@ -194,6 +194,14 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "64-32 with dropout 0.5; policy GRU 128 with the state, SAC gamma 0.9 alpha 0.01; 24 real + 8 imaginary "
                 "rollouts per update, n_mix 4/16); VAE 5k updates with all latents; ~25 min per seed on one shared core",
     },
+    ("ldm-relabel", "PointRobot"): {
+        "script": "ldm",
+        "preset": "default",
+        "args": ["--relabel-share", "0.5", "--vae-steps", "5000", "--eval-every", "2500", "--no-cuda"],
+        "steps": 40_000,
+        "note": "as ldm/PointRobot, plus half of the 24 real rollouts of each update replaced by relabelled ones "
+                "(another train task's rollout with this task's true rewards); ~25 min per seed on one shared core",
+    },
     ("ldm-nomix", "PointRobot"): {
         "script": "ldm",
         "preset": "default",

@@ -143,6 +143,19 @@ def test_imaginary_rollouts_mix_distinct_tasks_and_keep_the_host_transitions(gri
         ldm.Mixer(vae, roll, mu, logvar, n=19, beta=1.0, dropout=True)
 
 
+def test_relabel_pool_scores_other_tasks_rollouts_with_the_targets_reward(grid_ds):
+    fam = make_family("GridNavi", "ldm")
+    roll = ldm.build_rollouts(grid_ds, fam, fam.train_idx, 4)
+    pool = ldm.relabel_pool(roll, fam, 2000, np.random.RandomState(0))
+    host, target = pool["host"], pool["target"]
+    assert np.all(target != roll["task"][host]) and set(target.tolist()) == set(fam.train_idx.tolist())
+    goal = fam.tasks[target][:, None]  # (P, 1, 2): the target's goal cell against each next state
+    want = np.where(np.all(roll["next_obs"][host] == goal, -1), 1.0, -0.1)
+    np.testing.assert_allclose(pool["rewards"], want, atol=1e-6)
+    # same transitions, different task: the relabelled rewards differ from the stored ones in many rollouts
+    assert np.mean(np.any(np.abs(pool["rewards"] - roll["rewards"][host]) > 1e-6, 1)) > 0.3
+
+
 def test_online_policy_gru_equals_the_batched_pass_and_dqn_target():
     torch.manual_seed(0)
     fam = make_family("GridNavi", "ldm")
@@ -222,6 +235,16 @@ def test_main_writes_bamdp_episodes_and_resumes_identically(grid_ds, tmp_path):
         assert json.loads((tmp_path / name / "summary.json").read_text())["method"] == name
     with pytest.raises(SystemExit, match="n-mix"):
         ldm.main(ldm.Args(total_steps=40, run_dir=str(tmp_path / "bad"), **(kw | {"n_mix": 16})))
+    ldm.main(ldm.Args(total_steps=20, relabel_share=0.5, run_dir=str(tmp_path / "rel"), **kw))
+    rel = json.loads((tmp_path / "rel" / "summary.json").read_text())
+    assert rel["method"] == "ldm-relabel" and rel["extra"]["relabelled_per_batch"] == 7  # round(0.5 x 14 real)
+    with pytest.raises(Exception, match="relabel_share"):  # a plain checkpoint does not resume as the variant
+        ldm.main(ldm.Args(total_steps=60, relabel_share=0.5, resume=True, run_dir=str(tmp_path / "part"), **kw))
+    with pytest.raises(SystemExit, match="relabel-share"):
+        ldm.main(ldm.Args(total_steps=20, relabel_share=1.5, run_dir=str(tmp_path / "bad2"), **kw))
+    with pytest.raises(SystemExit, match="relabel"):  # MuJoCo rewards cannot be recomputed, refused before any data
+        ldm.main(ldm.Args(env_id="HalfCheetahVel", preset="cpu", relabel_share=0.5, run_dir=str(tmp_path / "hc"),
+                          cuda=False))
     with pytest.raises(Exception, match="GridNavi"):  # a dataset of another family
         ldm.main(ldm.Args(env_id="PointRobot", dataset=str(grid_ds.path), run_dir=str(tmp_path / "pr"), cuda=False))
 
