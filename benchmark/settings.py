@@ -146,6 +146,15 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "BOReL on the shared PointRobot dataset (k = 1 episode of 20 steps): VAE 100 epochs, SAC 128x2, "
                 "gamma 0.9, alpha 0.01; 30k of the paper's 5M SAC updates; ~47 min on one shared core",
     },
+    ("borel-rlrelabel", "GridNavi"): {
+        "script": "borel",
+        "preset": "borel",
+        "args": ["--rl-relabel", "--eval-every", "2500", "--no-cuda"],
+        "steps": 50_000,
+        "note": "as borel/GridNavi, plus the DQN stage on the relabelled rollouts (the first two episodes of about 63% "
+                "of a goal's rollouts come from other goals' agents, scored with its reward), 50k of the 250k DQN "
+                "updates; ~35 min per seed on one shared core",
+    },
     ("borel-rlrelabel", "PointRobot"): {
         "script": "borel",
         "preset": "default",
