@@ -70,7 +70,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.data import bamdp_rollout_rows, ensure_dataset
-from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family, relabel_rewards
+from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family, relabel_rewards, relabel_unsupported
 from common.evaluation import run_episodes
 from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir,
                          pick_device, print_progress, save_checkpoint, seed_everything, write_summary)
@@ -598,12 +598,8 @@ def main(args: Args):
     if args.rl_relabel and not args.relabel:
         raise SystemExit("--rl-relabel trains the RL stage on the relabelled rollouts; it needs reward relabelling "
                          "(drop --no-relabel)")
-    if args.relabel:
-        try:
-            relabel_rewards(family, family.train_idx[:1], np.zeros((1, family.obs_dim), np.float32),
-                            np.zeros((1, max(family.act_dim, 1)), np.float32), np.zeros((1, family.obs_dim), np.float32))
-        except NotImplementedError as e:
-            raise SystemExit(f"reward relabelling: {e}; pass --no-relabel (the official cheetah config trains without it)")
+    if args.relabel and (why := relabel_unsupported(family)):
+        raise SystemExit(f"reward relabelling: {why}; pass --no-relabel (the official cheetah config trains without it)")
     run_dir = make_run_dir(args.env_id, "borel", args.seed, args.run_dir)
     check_fresh_run_dir(run_dir, args.resume)
     seed_everything(args.seed)

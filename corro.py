@@ -73,7 +73,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.data import ensure_dataset, sample_context
-from common.envs import canonical_env_id, default_preset, make_family, relabel_rewards
+from common.envs import canonical_env_id, default_preset, make_family, relabel_rewards, relabel_unsupported
 from common.evaluation import per_task_mean, run_episodes
 from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir,
                          pick_device, print_progress, save_checkpoint, seed_everything, write_summary)
@@ -722,12 +722,10 @@ def main(args: Args):
     family = make_family(args.env_id, args.preset)
     if family.discrete:
         raise SystemExit(f"corro.py supports continuous actions only; {args.env_id} is discrete")
-    if args.negatives == "relabel" or args.relabel_queries or args.context_relabel > 0:
-        try:  # the relabelling options need the family's reward as a function of (s, a, s')
-            relabel_rewards(family, family.train_idx[:1], np.zeros((1, family.obs_dim), np.float32),
-                            np.zeros((1, family.act_dim), np.float32), np.zeros((1, family.obs_dim), np.float32))
-        except NotImplementedError as e:
-            raise SystemExit(f"--negatives relabel / --relabel-queries / --context-relabel: {e}")
+    # the relabelling options need the family's reward as a function of (s, a, s')
+    if (args.negatives == "relabel" or args.relabel_queries or args.context_relabel > 0) \
+            and (why := relabel_unsupported(family)):
+        raise SystemExit(f"--negatives relabel / --relabel-queries / --context-relabel: {why}")
     run_dir = make_run_dir(args.env_id, "corro", args.seed, args.run_dir)
     check_fresh_run_dir(run_dir, args.resume)
     seed_everything(args.seed)

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.data import bamdp_rollout_rows, ensure_dataset
-from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family, relabel_rewards
+from common.envs import MUJOCO_FAMILY_NAMES, canonical_env_id, default_preset, make_family, relabel_rewards, relabel_unsupported
 from common.evaluation import run_episodes
 from common.runs import (Logger, check_fresh_run_dir, eval_entry, load_checkpoint, machine_info, make_run_dir,
                          pick_device, print_progress, save_checkpoint, seed_everything, write_summary)
@@ -718,12 +718,8 @@ def main(args: Args):
         raise SystemExit(f"--n-mix must lie in [0, --workers) = [0, {args.workers}), got {args.n_mix}")
     if not 0.0 <= args.relabel_share <= 1.0:
         raise SystemExit(f"--relabel-share must lie in [0, 1], got {args.relabel_share}")
-    if args.relabel_share > 0:
-        try:  # before any data is loaded or built: MuJoCo rewards cannot be recomputed from (s, a, s')
-            relabel_rewards(family, family.train_idx[:1], np.zeros((1, family.obs_dim), np.float32),
-                            np.zeros((1, max(family.act_dim, 1)), np.float32), np.zeros((1, family.obs_dim), np.float32))
-        except NotImplementedError as e:
-            raise SystemExit(f"--relabel-share: {e}")
+    if args.relabel_share > 0 and (why := relabel_unsupported(family)):  # before any data is loaded or built
+        raise SystemExit(f"--relabel-share: {why}")
     run_dir = make_run_dir(args.env_id, "ldm", args.seed, args.run_dir)
     check_fresh_run_dir(run_dir, args.resume)
     seed_everything(args.seed)

@@ -428,6 +428,14 @@ def make_family(env_id: str, preset: str | None = None) -> Family:
     return fam
 
 
+def relabel_unsupported(family: Family) -> str | None:
+    """Why ``relabel_rewards`` cannot serve this family, or None when it can (checked before any data is loaded)."""
+    if family.env_id not in _NUMPY_FAMILIES:
+        return (f"reward relabelling is not available for {family.env_id}: its reward needs simulator state that the "
+                f"observations do not contain")
+    return None
+
+
 def relabel_rewards(family: Family, task_idx, obs, actions, next_obs):
     """The rewards that transitions (s, a, s') would have earned in task(s) ``task_idx`` (broadcast against the
     leading dims of ``next_obs``). Returns ``(rewards, rewards_dense)`` as float32 arrays; ``rewards_dense`` is
@@ -436,9 +444,8 @@ def relabel_rewards(family: Family, task_idx, obs, actions, next_obs):
     Only families whose reward is a function of (s, a, s') and the task are supported: the point robots and
     GridNavi. MuJoCo rewards need simulator quantities (x-velocity from positions, contact forces) that are
     not in the observation, so they raise ``NotImplementedError``."""
-    if family.env_id not in _NUMPY_FAMILIES:
-        raise NotImplementedError(f"reward relabelling is not available for {family.env_id}: its reward needs "
-                                  f"simulator state that the observations do not contain")
+    if why := relabel_unsupported(family):
+        raise NotImplementedError(why)
     nobs = np.asarray(next_obs, np.float32)
     tasks = family.tasks[np.asarray(task_idx, np.int64)]
     if family.env_id == "GridNavi":

@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from common.envs import family_names, make_family, presets, relabel_rewards
+from common.envs import family_names, make_family, presets, relabel_rewards, relabel_unsupported
 
 NUMPY = [("PointRobot", p) for p in ("default", "pearl", "corro")] + \
         [("SparsePointRobot", p) for p in ("default", "pearl", "borel")] + \
@@ -212,3 +212,6 @@ def test_relabel_refuses_mujoco_families():
     fam = make_family("HalfCheetahVel", "cpu")
     with pytest.raises(NotImplementedError, match="HalfCheetahVel"):
         relabel_rewards(fam, [0], np.zeros((1, fam.obs_dim)), np.zeros((1, fam.act_dim)), np.zeros((1, fam.obs_dim)))
+    assert "HalfCheetahVel" in relabel_unsupported(fam)  # the up-front check the method scripts use says the same
+    assert relabel_unsupported(make_family("PointRobot", "default")) is None
+    assert relabel_unsupported(make_family("GridNavi", "borel")) is None
