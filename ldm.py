@@ -742,6 +742,7 @@ def main(args: Args):
     if n_rel:
         pool = relabel_pool(roll_np, family, args.relabel_pool * R, np.random.RandomState(args.seed))
         pool = {key: torch.as_tensor(v, device=device) for key, v in pool.items()}
+        pool["terminals"] = torch.zeros(n_rel, roll["terminals"].shape[1], device=device)  # never ends the bootstrap
 
     stage, vae_step, step, train_time, wall_before, history, probe = "vae", 0, 0, 0.0, 0.0, [], {}
     ckpt_path = Path(run_dir) / "checkpoint.pt"
@@ -829,11 +830,11 @@ def main(args: Args):
         for _ in range(n_block):
             idx = torch.randint(R, (n_real - n_rel,), device=device, generator=gen)
             b = {key: roll[key][idx] for key in ("obs", "next_obs", "actions", "rewards", "terminals")}
-            if n_rel:  # another task's rollout with this pool entry's task rewards; it never ends the bootstrap
+            if n_rel:  # another task's rollout with this pool entry's task rewards
                 j = torch.randint(len(pool["host"]), (n_rel,), device=device, generator=gen)
                 host = pool["host"][j]
                 rel = {key: roll[key][host] for key in ("obs", "next_obs", "actions")}
-                rel |= {"rewards": pool["rewards"][j], "terminals": torch.zeros_like(roll["terminals"][host])}
+                rel |= {"rewards": pool["rewards"][j], "terminals": pool["terminals"]}
                 b = {key: torch.cat([b[key], rel[key]]) for key in b}
             if n_imag:
                 imag = mixer.sample(n_imag, gen)
