@@ -207,10 +207,10 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "script": "ldm",
         "preset": "default",
         "args": ["--relabel-share", "0.5", "--vae-steps", "5000", "--eval-every", "2500", "--no-cuda"],
-        "steps": 80_000,
+        "steps": 150_000,
         "note": "as ldm/PointRobot, plus half of the 24 real rollouts of each update replaced by relabelled ones "
-                "(another train task's rollout with this task's true rewards), 80k updates; ~50 min per seed on one "
-                "shared core",
+                "(another train task's rollout with this task's true rewards), 150k updates; ~2.5 h per seed with "
+                "three runs sharing the 2-core CPU",
     },
     ("ldm-nomix", "PointRobot"): {
         "script": "ldm",
