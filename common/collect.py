@@ -93,6 +93,7 @@ RECIPES = {
     ("HalfCheetahVel", "cpu"): dict(_MUJOCO, hidden=64, lr=1e-3, alpha="auto", drop_obs=[17], init_episodes=10,
                                     iterations=150, episodes_per_iter=1, updates_per_iter=200, cpu_sized=True),
 }
+RECIPES[("HalfCheetahVel", "ldm-cpu")] = RECIPES[("HalfCheetahVel", "cpu")]  # the ldm split (20 / 7 tasks) at CPU size
 
 
 def recipe_for(env_id: str, preset: str) -> dict:

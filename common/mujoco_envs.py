@@ -429,6 +429,15 @@ def _cheetah_vel_ldm():
     return dict(tasks=np.concatenate([train, test]), split=_split(100, len(test)), horizon=H, episodes_per_task=2)
 
 
+def _cheetah_vel_ldm_cpu():
+    # The ldm split at CPU size: 20 training velocities from the same two bands, the same 7 test velocities.
+    rng = np.random.RandomState(1337)
+    low = rng.rand(20) < 0.5
+    train = np.where(low, rng.uniform(0.0, 0.5, 20), rng.uniform(3.0, 3.5, 20))
+    test = np.arange(0.25, 3.26, 0.5)
+    return dict(tasks=np.concatenate([train, test]), split=_split(20, len(test)), horizon=H, episodes_per_task=2)
+
+
 def _cheetah_dir_pearl():
     # Two tasks; PEARL and MACAW train and test on both.
     return dict(tasks=np.array([-1.0, 1.0]), split=(np.arange(2), np.arange(2)), allow_overlap=True, horizon=H)
@@ -595,7 +604,8 @@ class BatchedMujocoEnv:
 # family -> (default preset, {preset: preset fn}, single-env class, batched-env class)
 FAMILIES = {
     "HalfCheetahVel": ("cpu", {"cpu": _cheetah_vel_cpu, "pearl": _cheetah_vel_pearl, "macaw": _cheetah_vel_macaw,
-                               "corro": _cheetah_vel_corro, "borel": _cheetah_vel_borel, "ldm": _cheetah_vel_ldm},
+                               "corro": _cheetah_vel_corro, "borel": _cheetah_vel_borel, "ldm": _cheetah_vel_ldm,
+                               "ldm-cpu": _cheetah_vel_ldm_cpu},
                        HalfCheetahVelEnv, BatchedMujocoEnv),
     "HalfCheetahDir": ("pearl", {"pearl": _cheetah_dir_pearl}, HalfCheetahDirEnv, BatchedMujocoEnv),
     "AntDir": ("pearl", {"pearl": _ant_dir_pearl, "macaw": _ant_dir_macaw, "smac": _ant_dir_smac,

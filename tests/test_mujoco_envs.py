@@ -72,6 +72,11 @@ def test_paper_task_lists():
     assert np.allclose(ldm.tasks[ldm.test_idx, 0], [0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.25])
     tr = ldm.tasks[ldm.train_idx, 0]
     assert (((tr >= 0) & (tr <= 0.5)) | ((tr >= 3) & (tr <= 3.5))).all() and (tr < 1).any() and (tr > 3).any()
+    small = make_family("HalfCheetahVel", "ldm-cpu")  # the same split at CPU size: 20 train in both bands, same 7 test
+    st = small.tasks[small.train_idx, 0]
+    assert len(st) == 20 and np.array_equal(small.tasks[small.test_idx], ldm.tasks[ldm.test_idx])
+    assert (((st >= 0) & (st <= 0.5)) | ((st >= 3) & (st <= 3.5))).all() and (st < 1).sum() >= 5 and (st > 3).sum() >= 5
+    assert small.episodes_per_task == 2
     corro = make_family("HalfCheetahVel", "corro")
     assert corro.tasks[0, 0] == pytest.approx(np.random.RandomState(1).uniform(0, 3), abs=1e-6)
     goal = make_family("AntGoal", "pearl").tasks
