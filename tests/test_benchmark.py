@@ -184,3 +184,28 @@ def test_every_setting_parses_with_its_script_and_names_its_variant():
         assert args.total_steps == cfg["steps"], (method, env)
         if hasattr(mod, "variant_name"):
             assert mod.variant_name(mod.resolve_args(args)) == method, (method, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# per_task.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_per_task_reads_the_last_or_chosen_evaluation_by_task_and_episode(tmp_path, capsys):
+    from benchmark import per_task
+
+    run_dir = tmp_path / "r"
+    log = runs.Logger(run_dir, {"env_id": "HalfCheetahVel", "preset": "ldm-cpu"}, tensorboard=False)
+    log.log_eval(0, "B", "test", [20, 21], [[-50.0, -51.0], [-150.0, -149.0]])
+    log.log_eval(100, "B", "test", [20, 21], [[-10.0, -12.0], [-40.0, -20.0]])
+    log.log_eval(100, "B", "train", [0], [[-1.0, -2.0]])
+    log.close()
+    assert per_task.per_task(run_dir, None, "B", "test") == (100, {20: [-10.0, -12.0], 21: [-40.0, -20.0]})
+    assert per_task.per_task(run_dir, 0, "B", "test")[1][21] == [-150.0, -149.0]
+    with pytest.raises(SystemExit, match="no evaluation at step 50"):
+        per_task.per_task(run_dir, 50, "B", "test")
+    with pytest.raises(SystemExit, match="no evaluation rows"):
+        per_task.per_task(run_dir, None, "A", "test")
+    per_task.main([str(run_dir)])
+    out = capsys.readouterr().out
+    assert "task  21 [0.75]" in out and "sum    -41.00" in out  # task 21 is the 0.75 m/s test velocity; mean of sums
