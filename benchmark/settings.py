@@ -222,19 +222,19 @@ SETTINGS: dict[tuple[str, str], dict] = {
     ("ldm", "HalfCheetahVel"): {
         "preset": "ldm-cpu",
         "args": ["--vae-steps", "3000", "--elbo-latents", "10", "--batch-size", "8", "--eval-every", "2500", "--no-cuda"],
-        "steps": 25_000,
+        "steps": 35_000,
         "note": "offline LDM on the ldm split at CPU size (20 train velocities in U(0, 0.5) or U(3, 3.5), test 0.25 ... "
                 "3.25; k = 2 episodes of 200 steps; the paper's cheetah sizes, n_mix 4/16): VAE 3k ELBO updates with 10 "
-                "of the 401 latents per rollout, SAC on 6 real + 2 imaginary 400-step rollouts for 25k updates; "
-                "~1.7 h on one shared core",
+                "of the 401 latents per rollout, SAC on 6 real + 2 imaginary 400-step rollouts for 35k updates; "
+                "~2 h on one shared core",
     },
     ("ldm-nomix", "HalfCheetahVel"): {
         "script": "ldm",
         "preset": "ldm-cpu",
         "args": ["--n-mix", "0", "--batch-size", "8", "--eval-every", "2500", "--no-cuda"],
-        "steps": 25_000,
+        "steps": 35_000,
         "note": "as ldm/HalfCheetahVel without imaginary tasks (offline RL^2 with SAC, 8 real rollouts per update); "
-                "~1.5 h on one shared core",
+                "~1.8 h on one shared core",
     },
     ("smac", "HalfCheetahVel"): {
         "preset": "cpu",
