@@ -420,22 +420,22 @@ def _cheetah_vel_borel():
     return dict(tasks=_uniform(0.0, 3.0, 120), split=_split(100, 20), horizon=H, episodes_per_task=2)
 
 
-def _cheetah_vel_ldm():
+def _cheetah_vel_bands(n_train):
     # LDM: training velocities from U(0, 0.5) or U(3, 3.5) (prob. 1/2 each); OOD test grid 0.25 ... 3.25.
     rng = np.random.RandomState(1337)
-    low = rng.rand(100) < 0.5
-    train = np.where(low, rng.uniform(0.0, 0.5, 100), rng.uniform(3.0, 3.5, 100))
+    low = rng.rand(n_train) < 0.5
+    train = np.where(low, rng.uniform(0.0, 0.5, n_train), rng.uniform(3.0, 3.5, n_train))
     test = np.arange(0.25, 3.26, 0.5)
-    return dict(tasks=np.concatenate([train, test]), split=_split(100, len(test)), horizon=H, episodes_per_task=2)
+    return dict(tasks=np.concatenate([train, test]), split=_split(n_train, len(test)), horizon=H, episodes_per_task=2)
+
+
+def _cheetah_vel_ldm():
+    return _cheetah_vel_bands(100)
 
 
 def _cheetah_vel_ldm_cpu():
     # The ldm split at CPU size: 20 training velocities from the same two bands, the same 7 test velocities.
-    rng = np.random.RandomState(1337)
-    low = rng.rand(20) < 0.5
-    train = np.where(low, rng.uniform(0.0, 0.5, 20), rng.uniform(3.0, 3.5, 20))
-    test = np.arange(0.25, 3.26, 0.5)
-    return dict(tasks=np.concatenate([train, test]), split=_split(20, len(test)), horizon=H, episodes_per_task=2)
+    return _cheetah_vel_bands(20)
 
 
 def _cheetah_dir_pearl():
