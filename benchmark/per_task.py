@@ -27,7 +27,8 @@ def per_task(run_dir: Path, step: int | None, mode: str, split: str):
     path = run_dir / "metrics.csv"
     if not path.exists():
         raise SystemExit(f"{path}: no metrics.csv (not a run directory?)")
-    rows = [r for r in csv.DictReader(path.open()) if r["mode"] == mode and r["split"] == split]
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["mode"] == mode and r["split"] == split]
     if not rows:
         raise SystemExit(f"{path}: no evaluation rows with mode {mode!r} and split {split!r}")
     steps = sorted({int(r["global_step"]) for r in rows})
