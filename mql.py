@@ -42,7 +42,8 @@ episodes each, deterministic actions. Train tasks: zero-shot only.
 Deviations:
 - gymnasium 1.x task families of ``common/envs.py`` (numpy point robots, gymnasium v5 MuJoCo) instead of rlkit's
   mujoco-py envs; tasks and splits from the chosen preset (PointRobot default: 40/10 semicircle goals, H = 20).
-- Offline by default (no paper counterpart, spec §5.3). ``--bc-alpha`` adds TD3+BC's actor term (off by default).
+- Offline by default (no paper counterpart, spec §5.3). ``--bc-alpha`` adds TD3+BC's actor term (off by default;
+  the squared error is averaged over action dimensions as in TD3+BC).
 - Histories: a zero-padded window of H entries in training and evaluation, h'_t = h_{t+1}. The official code adds
   a dummy first entry (random action, r = 0) to pre-contexts and evaluates with unpadded (and for Ant/Humanoid
   200-long) windows; neither is kept (spec §2 allows it).
@@ -445,6 +446,16 @@ def weighted_mean(x, w):
     return (x if w is None else w * x).mean(dim=1)
 
 
+def actor_loss(q1, pi, a, bc_alpha: float, w=None):
+    """TD3's -Q(s, pi(s)) summed over members; with bc_alpha > 0 TD3+BC's -lambda Q + mean_j (pi_j - a_j)^2,
+    lambda = alpha / mean|Q| (per member, no gradient). The squared error is averaged over action dimensions, as
+    TD3+BC's F.mse_loss, so alpha means the same for every action size. q1 (E, B), pi and a (E, B, act_dim)."""
+    if bc_alpha <= 0:
+        return -weighted_mean(q1, w).sum()
+    lam = bc_alpha / q1.abs().mean(1).detach().clamp(min=1e-6)
+    return (-lam * weighted_mean(q1, w) + weighted_mean((pi - a).pow(2).mean(-1), w)).sum()
+
+
 def proximal(module, anchor, E: int):
     """||theta_e - theta_e^meta||^2 summed over every tensor of the module (GRU included) -> (E,)."""
     total = 0.0
@@ -486,11 +497,7 @@ def td3_update(nets, opts, batch, args, it: int, generator=None, w=None, lam=Non
         with autocast:
             pi = actor(batch["obs"], batch["hist"])
             q1 = critic(batch["obs"], pi, batch["hist"])[:, 0].float()  # (E, B)
-        if args.bc_alpha > 0:  # TD3+BC: -alpha/mean|Q| * Q + (pi - a)^2 (deviation, off by default)
-            coef = args.bc_alpha / q1.abs().mean(1).detach().clamp(min=1e-6)
-            loss_pi = (-coef * weighted_mean(q1, w) + weighted_mean((pi.float() - batch["actions"]).pow(2).sum(-1), w)).sum()
-        else:
-            loss_pi = -weighted_mean(q1, w).sum()
+        loss_pi = actor_loss(q1, pi.float(), batch["actions"], args.bc_alpha, w)
         if lam is not None:
             loss_pi = loss_pi + (lam * proximal(actor, anchor["actor"], E)).sum()
         critic.requires_grad_(True)

@@ -309,3 +309,18 @@ def test_short_offline_run_learns_on_point_robot(point_data):
     after = mql.rollout(nets["actor"], fam, fam.test_idx, 1, 1, 10, 0, "cpu")[0].mean()
     assert before < -18.0
     assert after > before + 4.0, (before, after)
+
+
+def test_actor_loss_td3_and_td3bc_against_hand_computed_values():
+    q1 = torch.tensor([[1.0, -3.0], [2.0, 2.0]])  # (E=2, B=2)
+    a = torch.zeros(2, 2, 3)
+    pi = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]])
+    # plain TD3: -mean_b Q summed over members = -(-1) - 2 = -1
+    assert mql.actor_loss(q1, pi, a, 0.0).item() == pytest.approx(-1.0)
+    # TD3+BC: lambda_e = alpha / mean|Q_e| = 2.5/2 and 2.5/2; BC = mean_b mean_j (pi - a)^2 = (1/3)/2 and 1/2
+    expect = (-1.25 * -1.0 + 1 / 6) + (-1.25 * 2.0 + 0.5)
+    assert mql.actor_loss(q1, pi, a, 2.5).item() == pytest.approx(expect)
+    # lambda carries no gradient: d loss / d Q = -lambda / B
+    q = q1.clone().requires_grad_(True)
+    mql.actor_loss(q, pi, a, 2.5).backward()
+    assert torch.allclose(q.grad, torch.full((2, 2), -1.25 / 2))
