@@ -697,7 +697,9 @@ def collect(nets, family, rows, n_steps, posterior, ctx_buf, args, device, gen, 
 def variant_name(args: Args) -> str:
     relabel = {"off": "", "all": "-relabel", "context": "-relabelctx"}[args.relabel_offline]
     relabel += "-task" if relabel and args.relabel_context_source == "task" else ""
-    return "smac" + relabel + ("-tail" if args.data_tail > 0 else "") + ("-oracle" if args.oracle_rewards else "")
+    beta = "" if args.beta == 100.0 else f"-beta{args.beta:g}"  # the official temperature is 100 on every env
+    return ("smac" + relabel + ("-tail" if args.data_tail > 0 else "") + ("-oracle" if args.oracle_rewards else "")
+            + beta)
 
 
 def main(args: Args):

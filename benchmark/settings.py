@@ -97,7 +97,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "steps": 10_000,
         "note": "as smac/PointRobot with true rewards in the online phase (the paper's online oracle)",
     },
-    ("smac-relabel", "PointRobot"): {
+    ("smac-relabel-beta1", "PointRobot"): {
         "script": "smac",
         "preset": "default",
         "args": ["--relabel-offline", "all", "--beta", "1", "--kl-lambda", "0.01", "--eval-every", "1000",
@@ -243,6 +243,15 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "SMAC's offline phase at the paper's sizes (nets 3x300, encoder 3x200, meta-batch 4 x 128, KL 0.1) on the "
                 "CPU-sized cheetah dataset (20/10 tasks), the paper's 50k offline steps, no self-supervised phase (each "
                 "of its 51 iterations is 16k updates); ~55 min on one shared core",
+    },
+    ("smac-beta10", "HalfCheetahVel"): {
+        "script": "smac",
+        "preset": "cpu",
+        "args": ["--beta", "10", "--eval-every", "2500", "--online-iterations", "0", "--no-cuda"],
+        "steps": 50_000,
+        "note": "as smac/HalfCheetahVel with the AWR temperature 10 instead of the official 100 (at 100 the weights stay "
+                "near 1 and the actor clones the mixed-quality buffers); evaluations every 2.5k; ~55 min on one "
+                "shared core",
     },
     ("smac-tail", "HalfCheetahVel"): {
         "script": "smac",

@@ -319,6 +319,8 @@ def test_discrete_families_are_refused_and_variant_names(tmp_path):
     assert smac.variant_name(smac.Args()) == "smac" and smac.variant_name(smac.Args(oracle_rewards=True)) == "smac-oracle"
     assert smac.variant_name(smac.Args(relabel_offline="context")) == "smac-relabelctx"
     assert smac.variant_name(smac.Args(data_tail=10_000)) == "smac-tail"
+    assert smac.variant_name(smac.Args(beta=10.0)) == "smac-beta10"
+    assert smac.variant_name(smac.Args(relabel_offline="all", beta=1.0)) == "smac-relabel-beta1"
     with pytest.raises(SystemExit, match="separate"):
         smac.resolve_args(smac.Args(relabel_offline="context", context_buffer="shared"))
     assert smac.variant_name(smac.Args(relabel_offline="all", relabel_context_source="task")) == "smac-relabel-task"
