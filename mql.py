@@ -741,8 +741,12 @@ def collect_episodes(nets, family, rows, args, device, gen, np_rng, random_actio
 
 def variant_name(args: Args) -> str:
     """The method label of summary.json: mql, plus the flags that change what is learned."""
+    env_lr = {**PAPER_DEFAULTS, **ENV_OVERRIDES.get(args.env_id, {})}["lr"]
+    lr = args.lr is not None and args.lr != env_lr  # another learning rate than the paper's column for this env
+    lr_tag = f"-lr{args.lr:g}" if lr else ""
     return "mql" + "".join(tag for on, tag in ((args.online, "-online"), (args.bc_alpha > 0, "-bc"), (args.relabel > 0, "-relabel"),
-                                               (args.prox_mode == "const", "-constprox")) if on)
+                                               (args.prox_mode == "const", "-constprox"),
+                                               (lr, lr_tag)) if on)
 
 
 def main(args: Args):

@@ -287,6 +287,14 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "as mql/HalfCheetahVel with the TD3+BC actor term (alpha 2.5), an offline option beyond the paper: plain "
                 "offline TD3's test return swings by 50-100 between evaluations on this data; ~50 min on one shared core",
     },
+    ("mql-bc-lr0.0003", "HalfCheetahVel"): {
+        "script": "mql",
+        "preset": "cpu",
+        "args": ["--bc-alpha", "2.5", "--lr", "3e-4", "--eval-every", "5000", "--adapt-every", "20000", "--no-cuda"],
+        "steps": 40_000,
+        "note": "as mql-bc/HalfCheetahVel with lr 3e-4 (the paper's cheetah-dir and ant columns) instead of the "
+                "cheetah-vel column's 1e-3; ~50 min on one shared core",
+    },
 }
 
 # The (env_id, preset) pairs every method is benchmarked on.

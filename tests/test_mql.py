@@ -267,6 +267,8 @@ def test_online_mode_collects_and_trains(tmp_path):
 def test_variant_names_and_discrete_refused(tmp_path):
     assert mql.variant_name(mql.Args()) == "mql"
     assert mql.variant_name(mql.Args(online=True, bc_alpha=2.5)) == "mql-online-bc"
+    assert mql.variant_name(mql.resolve_args(mql.Args(env_id="HalfCheetahVel", lr=3e-4, bc_alpha=2.5))) == "mql-bc-lr0.0003"
+    assert mql.variant_name(mql.resolve_args(mql.Args(env_id="HalfCheetahVel", lr=1e-3))) == "mql"
     with pytest.raises(SystemExit, match="continuous"):
         mql.main(mql.Args(env_id="GridNavi", cuda=False, run_dir=str(tmp_path / "g")))
 
