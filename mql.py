@@ -221,10 +221,15 @@ ENV_OVERRIDES = {
 }
 
 
+def paper_column(env_id: str) -> dict:
+    """The env's column of the official commands: PAPER_DEFAULTS with its ENV_OVERRIDES."""
+    return {**PAPER_DEFAULTS, **ENV_OVERRIDES.get(canonical_env_id(env_id), {})}
+
+
 def resolve_args(args: Args) -> Args:
     """Fill every None hyperparameter from the env's column of the official commands."""
     env = canonical_env_id(args.env_id)
-    table = {**PAPER_DEFAULTS, **ENV_OVERRIDES.get(env, {})}
+    table = paper_column(env)
     filled = {k: table[k] for k in table if getattr(args, k) is None}
     return dataclasses.replace(args, env_id=env, preset=args.preset or default_preset(env), **filled)
 
@@ -741,12 +746,10 @@ def collect_episodes(nets, family, rows, args, device, gen, np_rng, random_actio
 
 def variant_name(args: Args) -> str:
     """The method label of summary.json: mql, plus the flags that change what is learned."""
-    env_lr = {**PAPER_DEFAULTS, **ENV_OVERRIDES.get(args.env_id, {})}["lr"]
-    lr = args.lr is not None and args.lr != env_lr  # another learning rate than the paper's column for this env
-    lr_tag = f"-lr{args.lr:g}" if lr else ""
+    # another learning rate than the paper's column for this env
+    lr_tag = f"-lr{args.lr:g}" if args.lr not in (None, paper_column(args.env_id)["lr"]) else ""
     return "mql" + "".join(tag for on, tag in ((args.online, "-online"), (args.bc_alpha > 0, "-bc"), (args.relabel > 0, "-relabel"),
-                                               (args.prox_mode == "const", "-constprox"),
-                                               (lr, lr_tag)) if on)
+                                               (args.prox_mode == "const", "-constprox")) if on) + lr_tag
 
 
 def main(args: Args):
