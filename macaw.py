@@ -159,9 +159,14 @@ ENV_OVERRIDES = {"PointRobot": dict(buffer_skip=1), "SparsePointRobot": dict(buf
                  "PointRobotWind": dict(buffer_skip=1)}
 
 
+def env_defaults(env_id: str) -> dict:
+    """The settings that differ by env: the paper's MuJoCo value, then the env's override."""
+    return {"buffer_skip": 7, **ENV_OVERRIDES.get(canonical_env_id(env_id), {})}
+
+
 def resolve_args(args: Args) -> Args:
     env = canonical_env_id(args.env_id)
-    table = {"buffer_skip": 7, **ENV_OVERRIDES.get(env, {})}
+    table = env_defaults(env)
     filled = {k: v for k, v in table.items() if getattr(args, k) is None}
     return dataclasses.replace(args, env_id=env, preset=args.preset or default_preset(env), **filled)
 
@@ -490,8 +495,10 @@ def evaluate(step, nets, samplers, family, args, device, logger):
 
 def variant_name(args: Args) -> str:
     """The method label of summary.json: macaw plus the ablation flags that change what is learned."""
+    skip = args.buffer_skip not in (None, env_defaults(args.env_id)["buffer_skip"])
     return "macaw" + "".join(tag for on, tag in ((not args.wlinear, "-nowt"), (not args.advantage_head, "-nohead"),
-                                                 (args.first_order, "-fo")) if on)
+                                                 (args.first_order, "-fo"), (not args.contiguous, "-randinner"),
+                                                 (skip, f"-skip{args.buffer_skip}")) if on)
 
 
 def load_buffers(args, family, device):

@@ -70,6 +70,22 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "MACAW at the paper's sizes on the CPU-sized cheetah dataset (20/10 tasks, skip 7 as the paper), "
                 "30k of the paper's ~1M meta-steps; ~70 min on one shared core",
     },
+    ("macaw-randinner", "HalfCheetahVel"): {
+        "script": "macaw",
+        "preset": "cpu",
+        "args": ["--no-contiguous", "--eval-every", "2000", "--no-cuda"],
+        "steps": 30_000,
+        "note": "as macaw/HalfCheetahVel with random inner batches (official: contiguous windows), so the inner step "
+                "sees the same kind of batch in training as at test; ~70 min on one shared core",
+    },
+    ("macaw-randinner-skip1", "HalfCheetahVel"): {
+        "script": "macaw",
+        "preset": "cpu",
+        "args": ["--no-contiguous", "--buffer-skip", "1", "--eval-every", "2000", "--no-cuda"],
+        "steps": 30_000,
+        "note": "as macaw-randinner with every row of the buffers kept (skip 1 against the paper's 7: the CPU "
+                "dataset has 32k rows per task, the paper's ~1M); ~70 min on one shared core",
+    },
     ("corro-relabel-rq", "PointRobot"): {
         "script": "corro",
         "preset": "default",

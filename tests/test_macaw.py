@@ -3,6 +3,7 @@ a per-task loop, AWR weights and losses against hand-computed values, the Monte-
 plumbing, and a short learning run on PointRobot."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -163,8 +164,7 @@ def test_vmapped_meta_gradient_is_second_order_and_equals_a_per_task_loop():
 
 
 def dataclasses_replace(args, **kw):
-    import dataclasses
-    return dataclasses.replace(args, **kw)
+        return dataclasses.replace(args, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +304,9 @@ def test_main_writes_summary_resumes_identically_and_refuses_bad_input(tmp_path)
     with pytest.raises(SystemExit, match="rows"):  # windows longer than a task's data
         macaw.main(macaw.Args(total_steps=1, buffer_skip=20, run_dir=str(tmp_path / "skip"), **kw))
     assert macaw.variant_name(macaw.Args(wlinear=False, first_order=True)) == "macaw-nowt-fo"
+    cheetah = macaw.resolve_args(macaw.Args(env_id="HalfCheetahVel", preset="cpu"))
+    assert macaw.variant_name(cheetah) == "macaw"  # the env's own buffer skip (7) is not a variant
+    assert macaw.variant_name(dataclasses.replace(cheetah, contiguous=False, buffer_skip=1)) == "macaw-randinner-skip1"
 
 
 def test_short_run_adapts_on_point_robot():
