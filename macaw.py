@@ -39,6 +39,9 @@ Deviations:
   advantage head's (pre-activation, action) input (negative actions are zeroed), the contiguous inner batch in
   training against the random adaptation batch at test, losses divided by the number of all train tasks, no
   observation or return normalisation, grad clipping off (official clip 1e9).
+- Offered, off by default: ``--no-contiguous`` draws the inner batch at random, as the adaptation batch at test
+  (the official train/test mismatch, spec §8.7, removed). On the CPU-sized cheetah dataset it and ``--buffer-skip 1``
+  (all 32k rows per task instead of every 7th) carry the benchmark setting ``macaw-randinner-skip1`` (README).
 - Vectorised: the meta-batch's inner loops run as one ``torch.func.vmap`` over tasks of ``torch.func.grad`` of
   ``functional_call`` (the official code loops over tasks with ``higher``); evaluation adapts all test tasks (and
   all adaptation draws) in one vmapped call and steps them in one batched env. The three lr/coefficient Adam
