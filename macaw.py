@@ -501,7 +501,9 @@ def variant_name(args: Args) -> str:
     skip = args.buffer_skip not in (None, env_defaults(args.env_id)["buffer_skip"])
     return "macaw" + "".join(tag for on, tag in ((not args.wlinear, "-nowt"), (not args.advantage_head, "-nohead"),
                                                  (args.first_order, "-fo"), (not args.contiguous, "-randinner"),
-                                                 (skip, f"-skip{args.buffer_skip}")) if on)
+                                                 (skip, f"-skip{args.buffer_skip}"),
+                                                 (args.outer_value_lr != Args.outer_value_lr,
+                                                  f"-vlr{args.outer_value_lr:g}")) if on)
 
 
 def load_buffers(args, family, device):
