@@ -164,7 +164,7 @@ def test_vmapped_meta_gradient_is_second_order_and_equals_a_per_task_loop():
 
 
 def dataclasses_replace(args, **kw):
-        return dataclasses.replace(args, **kw)
+    return dataclasses.replace(args, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
