@@ -151,7 +151,7 @@ def test_vmapped_meta_gradient_is_second_order_and_equals_a_per_task_loop():
         for k, p in m.named_parameters():
             torch.testing.assert_close(g2[f"{n}.{k}"], p.grad, msg=f"{n}.{k}")
     # First order differs: the inner gradient's own dependence on the parameters is dropped.
-    g1 = meta_grads(policy, value, meta, inner, outer, dataclasses_replace(args, first_order=True))
+    g1 = meta_grads(policy, value, meta, inner, outer, dataclasses.replace(args, first_order=True))
     diff = {k: (g1[k] - g2[k]).norm() / g2[k].norm().clamp(min=1e-12) for k in g2}
     assert diff["pi.layers.0.fc.weight"] > 1e-3 and diff["v.layers.0.fc.weight"] > 1e-3
     assert g1["meta.adv_coef"] == 0  # c acts only through the inner gradient, which first order treats as constant
@@ -161,10 +161,6 @@ def test_vmapped_meta_gradient_is_second_order_and_equals_a_per_task_loop():
     assert g2["meta.value_lrs"].abs().min() > 0 and g2["meta.policy_lrs"][:9].abs().min() > 0
     assert torch.all(g2["meta.policy_lrs"][9:] == 0)
     assert g2["meta.adv_coef"].abs() > 0 and g2["pi.layers.3.fc.weight"].abs().sum() > 0
-
-
-def dataclasses_replace(args, **kw):
-    return dataclasses.replace(args, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
