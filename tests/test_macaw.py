@@ -295,6 +295,8 @@ def test_main_writes_summary_resumes_identically_and_refuses_bad_input(tmp_path)
         macaw.main(macaw.Args(total_steps=20, run_dir=str(tmp_path / "full"), **kw))
     with pytest.raises(Exception, match="checkpoint"):  # another architecture cannot resume this run
         macaw.main(macaw.Args(total_steps=30, run_dir=str(tmp_path / "full"), resume=True, **(kw | {"net_width": 8})))
+    with pytest.raises(Exception, match="variant"):  # nor can the same nets trained on other inner batches
+        macaw.main(macaw.Args(total_steps=30, run_dir=str(tmp_path / "full"), resume=True, **(kw | {"contiguous": False})))
     with pytest.raises(SystemExit, match="discrete"):
         macaw.main(macaw.Args(env_id="GridNavi", preset="borel", run_dir=str(tmp_path / "grid"), **kw))
     with pytest.raises(SystemExit, match="rows"):  # windows longer than a task's data
