@@ -503,7 +503,9 @@ def variant_name(args: Args) -> str:
                                                  (args.first_order, "-fo"), (not args.contiguous, "-randinner"),
                                                  (skip, f"-skip{args.buffer_skip}"),
                                                  (args.outer_value_lr != Args.outer_value_lr,
-                                                  f"-vlr{args.outer_value_lr:g}")) if on)
+                                                  f"-vlr{args.outer_value_lr:g}"),
+                                                 (args.adaptation_temp != Args.adaptation_temp,
+                                                  f"-T{args.adaptation_temp:g}")) if on)
 
 
 def load_buffers(args, family, device):

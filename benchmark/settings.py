@@ -94,6 +94,14 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "as macaw-randinner-skip1 with the value net's outer lr 1e-4 (official 1e-5, tuned for ~1M steps: at "
                 "30k steps the value net lags the cheetah's raw returns); ~60 min on one shared core",
     },
+    ("macaw-randinner-skip1-T0.5", "HalfCheetahVel"): {
+        "script": "macaw",
+        "preset": "cpu",
+        "args": ["--no-contiguous", "--buffer-skip", "1", "--adaptation-temp", "0.5", "--eval-every", "2000", "--no-cuda"],
+        "steps": 30_000,
+        "note": "as macaw-randinner-skip1 with AWR temperature 0.5 (official 1; advantages are batch-normalised, so "
+                "T 1 caps the weights near exp(3) and the mixed-quality buffers are nearly cloned); ~60 min on one shared core",
+    },
     ("corro-relabel-rq", "PointRobot"): {
         "script": "corro",
         "preset": "default",

@@ -306,6 +306,7 @@ def test_main_writes_summary_resumes_identically_and_refuses_bad_input(tmp_path)
     assert macaw.variant_name(cheetah) == "macaw"  # the env's own buffer skip (7) is not a variant
     assert macaw.variant_name(dataclasses.replace(cheetah, contiguous=False, buffer_skip=1)) == "macaw-randinner-skip1"
     assert macaw.variant_name(dataclasses.replace(cheetah, outer_value_lr=1e-4)) == "macaw-vlr0.0001"
+    assert macaw.variant_name(dataclasses.replace(cheetah, contiguous=False, adaptation_temp=0.5)) == "macaw-randinner-T0.5"
 
 
 def test_short_run_adapts_on_point_robot():
