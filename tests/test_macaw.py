@@ -309,6 +309,23 @@ def test_main_writes_summary_resumes_identically_and_refuses_bad_input(tmp_path)
     assert macaw.variant_name(dataclasses.replace(cheetah, contiguous=False, adaptation_temp=0.5)) == "macaw-randinner-T0.5"
 
 
+def test_reeval_reproduces_the_runs_own_final_evaluation(tmp_path):
+    """benchmark/macaw_reeval.py rebuilds the nets from a run's checkpoint: with the run's own evaluation seed and
+    draws it must give the run's final per-task returns (a missed net, lr or buffer setting would not)."""
+    from benchmark import macaw_reeval
+    kw = dict(net_width=16, cuda=False, eval_every=10, print_every=1000, log_every=5, eval_draws=1,
+              n_train_eval_tasks=2, contiguous=False, seed=3)
+    macaw.main(macaw.Args(total_steps=10, run_dir=str(tmp_path / "run"), **kw))
+    own = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]["A"]["test_per_task"]
+    row = macaw_reeval.reevaluate(tmp_path / "run", draws=1, chunk=1, seed=0, first_seed=10_000 * 3 + 10)
+    assert row["method"] == "macaw-randinner" and row["step"] == 10
+    assert [float(x) for x in row["per_task"].split()] == pytest.approx(own, abs=0.051)
+    rows = macaw_reeval.main([str(tmp_path / "run"), "--draws", "4", "--chunk", "2", "--out", str(tmp_path / "r.csv")])
+    assert rows[0]["adapted_se"] > 0 and (tmp_path / "r.csv").read_text().count("\n") == 2  # header + one row
+    with pytest.raises(SystemExit, match="multiple"):
+        macaw_reeval.main([str(tmp_path / "run"), "--draws", "3", "--chunk", "2", "--out", str(tmp_path / "r.csv")])
+
+
 def test_short_run_adapts_on_point_robot():
     """200 meta-steps at width 32: the adapted test return must beat both the step-0 adapted return and the
     unadapted policy clearly (the one inner step carries the task); a broken inner step or meta-gradient
