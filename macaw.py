@@ -546,7 +546,7 @@ def main(args: Args):
     ckpt_meta = {"method": "macaw", "env_id": args.env_id, "preset": args.preset, "seed": args.seed,
                  "obs_dim": family.obs_dim, "act_dim": family.act_dim, "net_width": args.net_width,
                  "net_depth": args.net_depth, "wlinear": args.wlinear, "advantage_head": args.advantage_head,
-                 # the training flags that name a variant (inner batches, skip, lrs): a run resumes only as itself
+                 # the flags that name a variant (inner batches, skip, outer value lr, T, ablations): it resumes only as itself
                  "variant": variant_name(args), "buffer_skip": args.buffer_skip}
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=ckpt_meta, map_location=device)
