@@ -547,7 +547,7 @@ def main(args: Args):
                  "obs_dim": family.obs_dim, "act_dim": family.act_dim, "net_width": args.net_width,
                  "net_depth": args.net_depth, "wlinear": args.wlinear, "advantage_head": args.advantage_head,
                  # the flags that name a variant (inner batches, skip, outer value lr, T, ablations): it resumes only as itself
-                 "variant": variant_name(args), "buffer_skip": args.buffer_skip}
+                 "variant": variant_name(args)}
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=ckpt_meta, map_location=device)
         for net, key in ((policy, "policy"), (value, "value"), (meta, "meta")):

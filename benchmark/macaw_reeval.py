@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -67,7 +66,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmark" / "macaw_reeval.csv"))
     a = p.parse_args(argv)
-    torch.manual_seed(a.seed)
     rows = []
     for run_dir in a.run_dirs:
         row = reevaluate(run_dir, a.draws, a.chunk, a.seed)
