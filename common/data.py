@@ -84,19 +84,35 @@ def library_versions() -> dict:
 
 
 def save_dataset(path, arrays: dict, meta: dict, overwrite: bool = False) -> Path:
-    """Write atomically (``path.tmp`` + fsync + rename). Refuses to replace an existing file unless
-    ``overwrite``; the old file stays intact until the new one is complete."""
+    """Write atomically (``path.{pid}.tmp`` + fsync + rename). Refuses to replace an existing file unless
+    ``overwrite``; the old file stays intact until the new one is complete. Without ``overwrite`` the file is
+    published with a hard link, which fails if another process wrote ``path`` in the meantime (its file is kept)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it (the old file is kept otherwise)")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, format_version=FORMAT_VERSION, sha256=arrays_sha256(arrays))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays, meta=np.array(json.dumps(meta)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two concurrent builds never share it
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays, meta=np.array(json.dumps(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} was written by another process while this one was building it; "
+                                      "that file is kept") from None
+            except OSError:  # a filesystem without hard links: rename, after one more check
+                if path.exists():
+                    raise FileExistsError(f"{path} was written by another process while this one was building it; "
+                                          "that file is kept") from None
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -300,7 +316,12 @@ def ensure_dataset(env_id: str, preset: str, seed: int = 0, path=None, family=No
                 raise FileNotFoundError(f"dataset {path} not found and its collector recipe needs a GPU (hours on a "
                                         f"CPU); build it with: {collect_command(env_id, preset, seed)} --cuda")
             print(f"dataset {path} not found: building it now with `{collect_command(env_id, preset, seed)}`")
-            collect.main(collect.Args(env_id=env_id, preset=preset, seed=seed, out=str(path), cuda=cuda))
+            try:
+                collect.main(collect.Args(env_id=env_id, preset=preset, seed=seed, out=str(path), cuda=cuda))
+            except FileExistsError:
+                if not Path(path).exists():
+                    raise
+                print(f"dataset {path} was built meanwhile by another process: using that one")
     return load_dataset(path, env_id, preset, family=family, quality=quality)
 
 

@@ -151,6 +151,24 @@ def test_never_overwrites_and_writes_atomically(tiny, tmp_path, monkeypatch):
     assert zipfile.is_zipfile(tiny)
 
 
+def test_concurrent_build_keeps_the_first_finished_file(tiny, tmp_path, monkeypatch):
+    """Two processes building the same missing dataset: the one that finishes second must not replace the first's
+    file, and leaves no temporary file behind."""
+    arrays, meta = _arrays(tiny)
+    out = tmp_path / "race.npz"
+    real_savez = np.savez
+
+    def savez_then_other_process_publishes(f, **kw):
+        real_savez(f, **kw)
+        out.write_bytes(b"the other process's dataset")
+
+    monkeypatch.setattr("common.data.np.savez", savez_then_other_process_publishes)
+    with pytest.raises(FileExistsError, match="another process"):
+        save_dataset(out, arrays, meta)
+    assert out.read_bytes() == b"the other process's dataset"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race.npz"]
+
+
 def test_task_batch_sampler_draws_each_task_from_its_own_rows(tiny):
     ds = load_dataset(tiny, "PointRobot")
     tasks = ds.train_tasks[:5]
