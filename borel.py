@@ -50,7 +50,10 @@ Deviations (and fixes of the official defects, spec borel.md §8):
   (official option ``hindsight_relabelling``). The official code mixes rows that already carry the beliefs of their
   original rewards; here the beliefs are recomputed on the mixed rollouts, so a relabelled row's belief matches its
   reward sequence, as it will at test.
-- Fixed alpha only, no CQL (both as the official configs run).
+- Fixed alpha only, no CQL (both as the official configs run). ``--cql-weight`` adds the official CQL ablation to the
+  DQN, exact for discrete actions: + alpha_cql (logsumexp_a Q(s+, a) - Q(s+, a_data)) (official alpha_cql 2).
+- ``--relabel-episodes N`` (not official) swaps the first N episodes of a relabelled rollout instead of the first half.
+- ``--vae-from RUN_DIR`` reuses the finished VAE of another run, so RL-stage settings can be compared on one belief.
 - Also reported: mode A (the belief after one offline episode of the test task's data, then one episode), the
   project's common offline-context protocol.
 """
@@ -122,10 +125,16 @@ class Args:
     """reward decoder: two hidden layers of this width"""
     relabel: bool = True
     """reward relabelling of the VAE's training rollouts (--no-relabel: the paper's ablation)"""
+    relabel_episodes: int | None = None
+    """episodes replaced at the start of each relabelled rollout (official: the first half, at least 1; GridNavi 2 of 4)"""
     rl_relabel: bool = False
     """also train the RL stage on the relabelled rollouts (official option hindsight_relabelling, off in its configs):
     a task's batch then holds other tasks' episodes scored with its own reward, so the policy cannot read the task
     from the states of its data and must use the belief"""
+
+    vae_from: str | None = None
+    """skip stage 1: take the trained VAE of this run directory (a run of the same env and VAE settings, e.g. one
+    stopped after the VAE with --total-steps 0), to compare RL-stage settings on one belief model"""
 
     # offline RL on belief-augmented states
     hidden: int | None = None
@@ -146,6 +155,9 @@ class Args:
     """Polyak rate of the target networks, every update"""
     alpha: float | None = None
     """SAC entropy weight, fixed (point 0.01, MuJoCo 0.2)"""
+    cql_weight: float = 0.0
+    """DQN only: weight of the CQL(H) term alpha_cql (logsumexp_a Q(s+, a) - Q(s+, a_data)) (official ablation
+    flag use_cql with alpha_cql 2; off in the official configs)"""
     goal_terminal: bool = True
     """official: reaching the goal region ends the bootstrap (grid, sparse point robot)"""
 
@@ -200,17 +212,18 @@ def goal_reached(family, next_obs, task, rewards):
     return np.zeros(rewards.shape, bool)
 
 
-def mix_rollouts(roll: dict, family, k: int, rng: np.random.RandomState) -> dict:
+def mix_rollouts(roll: dict, family, k: int, rng: np.random.RandomState, n_swap: int | None = None) -> dict:
     """Reward relabelling (official ``mix_task_rollouts``): per task i, R draws of its rollouts with replacement;
-    in each, the swapped episodes (k = 1, 2: the first; k = 4: the first two) are replaced by the same episode of a
-    random rollout of a random other task j, with rewards recomputed by task i's reward function."""
+    in each, the swapped episodes (the first n_swap; official: k = 1, 2: the first; k = 4: the first two) are
+    replaced by the same episode of a random rollout of a random other task j, with rewards recomputed by task i's
+    reward function."""
     H = family.horizon
     out = {key: v.copy() for key, v in roll.items()}
     tasks = np.unique(roll["task"])
     if len(tasks) < 2:
         raise SystemExit("reward relabelling needs at least two training tasks (or pass --no-relabel)")
     by_task = {t: np.flatnonzero(roll["task"] == t) for t in tasks}
-    swap = [0] if k <= 2 else list(range(k // 2))
+    swap = list(range(n_swap)) if n_swap else [0] if k <= 2 else list(range(k // 2))
     for t in tasks:
         own = by_task[t]
         targets = rng.choice(own, size=len(own), replace=True)
@@ -418,13 +431,19 @@ def dqn_update(nets, opts, b, args):
     """One DQN step on hyper-states: y = r + gamma (1 - d) max_a' Qbar(s+', a')."""
     with torch.no_grad():
         y = b["r"] + args.gamma * (1 - b["d"]) * nets["q_targ"](b["x2"])[0].max(-1).values
-    q = nets["q"](b["x"])[0].gather(-1, b["a"][..., None]).squeeze(-1)
+    q_all = nets["q"](b["x"])[0]
+    q = q_all.gather(-1, b["a"][..., None]).squeeze(-1)
     loss = F.mse_loss(q, y)
+    stats = {"loss/q": loss.detach(), "q/mean": q.detach().mean()}
+    if args.cql_weight > 0:  # CQL(H) for discrete actions: push down log-sum-exp Q, push up Q of the data action
+        gap = (torch.logsumexp(q_all, -1) - q).mean()
+        loss = loss + args.cql_weight * gap
+        stats["loss/cql_gap"] = gap.detach()
     opts["q"].zero_grad(set_to_none=True)
     loss.backward()
     opts["q"].step()
     polyak_(nets["q_targ"], nets["q"], args.tau)
-    return {"loss/q": loss.detach(), "q/mean": q.detach().mean()}
+    return stats
 
 
 def sac_update(nets, opts, b, args, gen):
@@ -598,6 +617,8 @@ def main(args: Args):
     if args.rl_relabel and not args.relabel:
         raise SystemExit("--rl-relabel trains the RL stage on the relabelled rollouts; it needs reward relabelling "
                          "(drop --no-relabel)")
+    if args.cql_weight > 0 and not family.discrete:
+        raise SystemExit("--cql-weight is implemented for the DQN learner (discrete actions) only")
     if args.relabel and (why := relabel_unsupported(family)):
         raise SystemExit(f"reward relabelling: {why}; pass --no-relabel (the official cheetah config trains without it)")
     run_dir = make_run_dir(args.env_id, "borel", args.seed, args.run_dir)
@@ -608,7 +629,9 @@ def main(args: Args):
 
     ds = ensure_dataset(args.env_id, args.preset, path=args.dataset, family=family)
     roll_np = build_rollouts(ds, family, family.train_idx, k)
-    vae_np = mix_rollouts(roll_np, family, k, np.random.RandomState(args.seed)) if args.relabel else roll_np
+    if args.relabel_episodes is not None and not 1 <= args.relabel_episodes <= k:
+        raise SystemExit(f"--relabel-episodes must be between 1 and k = {k}")
+    vae_np = mix_rollouts(roll_np, family, k, np.random.RandomState(args.seed), args.relabel_episodes) if args.relabel else roll_np
     roll, vae_data = to_tensors(roll_np, family.discrete, device), to_tensors(vae_np, family.discrete, device)
     bits = done_bits(family.horizon, k, device)
     vae, nets, opts = make_nets(family, args, k, device)
@@ -621,8 +644,9 @@ def main(args: Args):
     ckpt_path = Path(run_dir) / "checkpoint.pt"
     meta = {"method": "borel", "env_id": args.env_id, "preset": args.preset, "seed": args.seed, "obs_dim": family.obs_dim,
             "act_dim": family.act_dim, "n_actions": family.n_actions, "latent_dim": args.latent_dim, "hidden": args.hidden,
-            "gru_hidden": args.gru_hidden, "relabel": args.relabel,
-            "rl_relabel": args.rl_relabel}
+            "gru_hidden": args.gru_hidden, "relabel": args.relabel, "relabel_episodes": args.relabel_episodes,
+            "rl_relabel": args.rl_relabel, "cql_weight": args.cql_weight, "vae_from": args.vae_from}
+    vae_source = None  # the VAE settings of --vae-from's run, for the summary
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
         vae.load_state_dict(state["vae"])
@@ -631,10 +655,23 @@ def main(args: Args):
         for key, o in opts.items():
             o.load_state_dict(state["opts"][key])
         stage, vae_step, step, train_time, history = state["stage"], state["vae_step"], state["step"], state["train_time"], state["history"]
-        wall_before = state["wall_time"]
+        wall_before, vae_source = state["wall_time"], state.get("vae_source")
         gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed {ckpt_path}: stage {stage}, VAE step {vae_step}, RL step {step}", flush=True)
+    elif args.vae_from:
+        vae_keys = ("env_id", "preset", "obs_dim", "act_dim", "n_actions", "latent_dim", "gru_hidden", "relabel",
+                    "relabel_episodes")
+        src = load_checkpoint(Path(args.vae_from) / "checkpoint.pt", expect={key: meta[key] for key in vae_keys})
+        if src["stage"] != "rl":
+            raise SystemExit(f"--vae-from {args.vae_from}: its VAE stage has not finished (VAE step {src['vae_step']})")
+        try:
+            vae.load_state_dict(src["vae"])
+        except RuntimeError as e:
+            raise SystemExit(f"--vae-from {args.vae_from}: incompatible VAE (other embedding or decoder sizes): {e}") from None
+        stage, vae_step, vae_steps, history = "rl", src["vae_step"], src["vae_step"], src["history"][:1]
+        vae_source = {key: src["args"].get(key) for key in ("seed", "vae_epochs", "vae_lr", "kl_weight")}
+        print(f"VAE from {args.vae_from} ({vae_step} updates; {vae_source})", flush=True)
     logger = Logger(run_dir, {**vars(args), "run_dir": str(run_dir)})
     print(f"BOReL on {args.env_id}/{args.preset}: {T_tasks} train / {len(family.test_idx)} test tasks, k={k} episodes of "
           f"H={family.horizon}, {len(roll_np['task'])} rollouts, relabel={args.relabel}, rl_relabel={args.rl_relabel}, VAE {vae_steps} updates "
@@ -647,7 +684,7 @@ def main(args: Args):
             "meta": meta, "args": vars(args), "stage": stage, "vae_step": vae_step, "step": step, "train_time": train_time,
             "history": history, "wall_time": wall_before + time.time() - t_start, "vae": vae.state_dict(),
             "nets": {key: n.state_dict() for key, n in nets.items()}, "opts": {key: o.state_dict() for key, o in opts.items()},
-            "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "vae_source": vae_source})
 
     # ALGO LOGIC: stage 1, the VAE on the (relabelled) training rollouts
     if stage == "vae":
@@ -725,12 +762,15 @@ def main(args: Args):
     modes |= {f"B_ep{e + 1}": eval_entry(ret_b[:, e], res[("B", "train")][0][:, e]) for e in range(k)}
     modes["A"] = eval_entry(res[("A", "test")][0][:, 0])
     method = ("borel-rlrelabel" if args.rl_relabel else "borel") if args.relabel else "borel-norelabel"
+    method += f"-rr{args.relabel_episodes}" if args.relabel and args.relabel_episodes else ""
+    method += f"-cql{args.cql_weight:g}" if args.cql_weight > 0 else ""
     write_summary(run_dir, method=method, env_id=args.env_id, preset=args.preset,
                   seed=args.seed, total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups,
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,
                   extra={"vae": history[0] if history else None, "final": last, "train_time_s": train_time,
                          "success_B_test": float(succ_b.any(1).mean()), "vae_updates": vae_steps,
-                         "best_B_test_sum": max((h.get("B_test_sum", -1e9) for h in history), default=None)})
+                         "best_B_test_sum": max((h.get("B_test_sum", -1e9) for h in history), default=None),
+                         "vae_from": args.vae_from, "vae_source": vae_source})
     logger.close()
     print(f"done: {step} RL updates, {ups:.1f} updates/s, summary in {run_dir}/summary.json", flush=True)
 

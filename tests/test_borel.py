@@ -47,6 +47,10 @@ def test_relabelled_episodes_earn_the_same_rewards_when_replayed_in_the_task(gri
     assert checked >= 10 * H
     # A swapped episode came from another task: with the original agent's goal it would score differently somewhere.
     assert np.any(mixed["rewards"][:, :H] != roll["rewards"][:, :H])
+    # --relabel-episodes 3: episodes 1-3 of a touched rollout are foreign, episode 4 stays its own
+    mixed3 = borel.mix_rollouts(roll, fam, 4, np.random.RandomState(0), n_swap=3)
+    changed3 = np.any(mixed3["obs"] != roll["obs"], axis=-1)
+    assert not changed3[:, 3 * H:].any() and changed3[:, 2 * H: 3 * H].any(1).mean() > 0.4
 
 
 @pytest.mark.parametrize("kind", ["grid", "point", "mujoco"])
@@ -241,3 +245,48 @@ def test_relabelled_rl_rows_carry_the_rows_task_reward_and_beliefs_of_those_rewa
     torch.testing.assert_close(row[..., data.slices["x"]][..., 2:], bel[:4, :-1])
     orig = borel.beliefs(vae, borel.to_tensors(roll, False, "cpu"), bits)
     assert (bel[moved] - orig[moved]).abs().amax() > 1e-4
+
+
+def test_vae_from_reuses_a_finished_vae_and_refuses_other_vae_settings(grid_ds, tmp_path):
+    kw = dict(cuda=False, dataset=str(grid_ds.path), gru_hidden=16, hidden=16, vae_epochs=0.5, meta_batch=4,
+              batch_size=32, updates_per_iter=10, eval_every=20, print_every=1000, log_every=10)
+    borel.main(borel.Args(total_steps=0, run_dir=str(tmp_path / "vae"), **kw))
+    borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "rl"), vae_from=str(tmp_path / "vae"), vae_lr=1.0, **kw))
+    src = torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)
+    dst = torch.load(tmp_path / "rl" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(src["vae"][key], dst["vae"][key]) for key in src["vae"])  # no VAE update (lr 1 would show)
+    summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    assert summary["total_steps"] == 20 and summary["extra"]["vae_source"]["vae_lr"] == 3e-4
+    with pytest.raises(Exception, match="gru_hidden"):
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad"), vae_from=str(tmp_path / "vae"),
+                              **(kw | {"gru_hidden": 8})))
+    with pytest.raises(Exception, match="relabel"):
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad2"), vae_from=str(tmp_path / "vae"),
+                              relabel=False, **kw))
+    with pytest.raises(Exception, match="relabel_episodes"):  # a VAE fitted on other relabelled rollouts
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad3"), vae_from=str(tmp_path / "vae"),
+                              relabel_episodes=3, **kw))
+    with pytest.raises(SystemExit, match="between 1 and k = 4"):
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad4"), relabel_episodes=5, **kw))
+
+
+def test_dqn_cql_term_is_the_log_sum_exp_gap_and_is_refused_for_sac():
+    torch.manual_seed(0)
+    args = tiny_args(env_id="GridNavi", cql_weight=2.0)
+    nets = {"q": borel.EnsembleMlp(1, 12, 16, 5), "q_targ": borel.EnsembleMlp(1, 12, 16, 5)}
+    b = {"x": torch.randn(3, 7, 12), "x2": torch.randn(3, 7, 12), "a": torch.randint(5, (3, 7)), "r": torch.randn(3, 7),
+         "d": torch.zeros(3, 7)}
+    q_all = nets["q"](b["x"])[0].detach()
+    gap = (torch.logsumexp(q_all, -1) - q_all.gather(-1, b["a"][..., None]).squeeze(-1)).mean()
+    opts = {"q": torch.optim.SGD(nets["q"].parameters(), lr=0.0)}
+    stats = borel.dqn_update(nets, opts, b, args)
+    assert float(stats["loss/cql_gap"]) == pytest.approx(float(gap), rel=1e-5) and float(gap) > 0
+    # a step on the CQL term alone raises the data action's Q against the others
+    args0 = tiny_args(env_id="GridNavi", cql_weight=1e6)
+    opts = {"q": torch.optim.SGD(nets["q"].parameters(), lr=1e-7)}
+    borel.dqn_update(nets, opts, b, args0)
+    q_new = nets["q"](b["x"])[0].detach()
+    gap_new = (torch.logsumexp(q_new, -1) - q_new.gather(-1, b["a"][..., None]).squeeze(-1)).mean()
+    assert float(gap_new) < float(gap)
+    with pytest.raises(SystemExit, match="DQN"):
+        borel.main(borel.Args(env_id="PointRobot", cql_weight=1.0, relabel=False, cuda=False, run_dir="/nonexistent/x"))
