@@ -310,7 +310,7 @@ def main(args: Args):
         print(f"resuming {partial}: iteration {state['iteration']}/{R['iterations']}, {state['updates']} updates")
 
     def save_partial():
-        tmp = partial.with_name(partial.name + ".tmp")
+        tmp = partial.with_name(f"{partial.name}.{os.getpid()}.tmp")  # per process, as save_dataset's
         torch.save(dict(key=dict(env_id=env_id, preset=preset, seed=args.seed, recipe=R),
                         modules={k: m.state_dict() for k, m in modules.items()},
                         buf={k: v[:, : int(fill.max())] for k, v in buf.items()}, fill=fill, state=state,
