@@ -629,6 +629,8 @@ def main(args: Args):
 
     ds = ensure_dataset(args.env_id, args.preset, path=args.dataset, family=family)
     roll_np = build_rollouts(ds, family, family.train_idx, k)
+    if args.relabel_episodes is not None and not args.relabel:
+        raise SystemExit("--relabel-episodes sets how reward relabelling mixes rollouts; drop --no-relabel")
     if args.relabel_episodes is not None and not 1 <= args.relabel_episodes <= k:
         raise SystemExit(f"--relabel-episodes must be between 1 and k = {k}")
     vae_np = mix_rollouts(roll_np, family, k, np.random.RandomState(args.seed), args.relabel_episodes) if args.relabel else roll_np
@@ -670,7 +672,7 @@ def main(args: Args):
         except RuntimeError as e:
             raise SystemExit(f"--vae-from {args.vae_from}: incompatible VAE (other embedding or decoder sizes): {e}") from None
         stage, vae_step, vae_steps, history = "rl", src["vae_step"], src["vae_step"], src["history"][:1]
-        vae_source = {key: src["args"].get(key) for key in ("seed", "vae_epochs", "vae_lr", "kl_weight")}
+        vae_source = src.get("vae_source") or {key: src["args"].get(key) for key in ("seed", "vae_epochs", "vae_lr", "kl_weight")}
         print(f"VAE from {args.vae_from} ({vae_step} updates; {vae_source})", flush=True)
     logger = Logger(run_dir, {**vars(args), "run_dir": str(run_dir)})
     print(f"BOReL on {args.env_id}/{args.preset}: {T_tasks} train / {len(family.test_idx)} test tasks, k={k} episodes of "

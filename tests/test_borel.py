@@ -266,6 +266,8 @@ def test_vae_from_reuses_a_finished_vae_and_refuses_other_vae_settings(grid_ds, 
     with pytest.raises(Exception, match="relabel_episodes"):  # a VAE fitted on other relabelled rollouts
         borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad3"), vae_from=str(tmp_path / "vae"),
                               relabel_episodes=3, **kw))
+    with pytest.raises(SystemExit, match="drop --no-relabel"):
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad5"), relabel=False, relabel_episodes=3, **kw))
     with pytest.raises(SystemExit, match="between 1 and k = 4"):
         borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad4"), relabel_episodes=5, **kw))
 
