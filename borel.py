@@ -766,6 +766,8 @@ def main(args: Args):
     method = ("borel-rlrelabel" if args.rl_relabel else "borel") if args.relabel else "borel-norelabel"
     method += f"-rr{args.relabel_episodes}" if args.relabel and args.relabel_episodes else ""
     method += f"-cql{args.cql_weight:g}" if args.cql_weight > 0 else ""
+    lr = (vae_source or {}).get("vae_lr", args.vae_lr)  # the lr that trained this run's VAE
+    method += f"-vaelr{lr:g}" if lr != Args.vae_lr else ""  # so benchmark/report.py keeps it apart from the official lr
     write_summary(run_dir, method=method, env_id=args.env_id, preset=args.preset,
                   seed=args.seed, total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups,
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,

@@ -257,6 +257,9 @@ def test_vae_from_reuses_a_finished_vae_and_refuses_other_vae_settings(grid_ds, 
     assert all(torch.equal(src["vae"][key], dst["vae"][key]) for key in src["vae"])  # no VAE update (lr 1 would show)
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     assert summary["total_steps"] == 20 and summary["extra"]["vae_source"]["vae_lr"] == 3e-4
+    assert summary["method"] == "borel"  # named by the lr that trained the VAE, not this run's unused --vae-lr
+    borel.main(borel.Args(total_steps=0, run_dir=str(tmp_path / "vae2"), **(kw | {"vae_lr": 1e-3})))
+    assert json.loads((tmp_path / "vae2" / "summary.json").read_text())["method"] == "borel-vaelr0.001"
     with pytest.raises(Exception, match="gru_hidden"):
         borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "bad"), vae_from=str(tmp_path / "vae"),
                               **(kw | {"gru_hidden": 8})))
