@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import os
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import tyro
 
 from common.data import default_dataset_path, library_versions, save_dataset
 from common.envs import SPARSE_FAMILIES, canonical_env_id, default_preset, make_family
-from common.runs import machine_info
+from common.runs import atomic_write, machine_info
 
 
 @dataclasses.dataclass
@@ -310,14 +309,13 @@ def main(args: Args):
         print(f"resuming {partial}: iteration {state['iteration']}/{R['iterations']}, {state['updates']} updates")
 
     def save_partial():
-        tmp = partial.with_name(f"{partial.name}.{os.getpid()}.tmp")  # per process, as save_dataset's
-        torch.save(dict(key=dict(env_id=env_id, preset=preset, seed=args.seed, recipe=R),
-                        modules={k: m.state_dict() for k, m in modules.items()},
-                        buf={k: v[:, : int(fill.max())] for k, v in buf.items()}, fill=fill, state=state,
-                        gen=gen.get_state(), torch_rng=torch.get_rng_state(), env_rng=venv.rng.get_state(),
-                        cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                        np_rng=np.random.get_state()), tmp)
-        os.replace(tmp, partial)
+        ck = dict(key=dict(env_id=env_id, preset=preset, seed=args.seed, recipe=R),
+                  modules={k: m.state_dict() for k, m in modules.items()},
+                  buf={k: v[:, : int(fill.max())] for k, v in buf.items()}, fill=fill, state=state,
+                  gen=gen.get_state(), torch_rng=torch.get_rng_state(), env_rng=venv.rng.get_state(),
+                  cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                  np_rng=np.random.get_state())
+        atomic_write(partial, lambda f: torch.save(ck, f))
 
     @torch.no_grad()
     def policy(obs, explore, random=False, eps=0.0):

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.runs import atomic_write
+
 FORMAT_VERSION = 1
 QUALITIES = ("mixed", "start", "middle", "end", "expert")
 _PER_TRANSITION = {  # key -> (dtype, required)
@@ -84,35 +86,14 @@ def library_versions() -> dict:
 
 
 def save_dataset(path, arrays: dict, meta: dict, overwrite: bool = False) -> Path:
-    """Write atomically (``path.{pid}.tmp`` + fsync + rename). Refuses to replace an existing file unless
-    ``overwrite``; the old file stays intact until the new one is complete. Without ``overwrite`` the file is
-    published with a hard link, which fails if another process wrote ``path`` in the meantime (its file is kept)."""
+    """Write atomically (``common.runs.atomic_write``). Refuses to replace an existing file unless ``overwrite``;
+    the old file stays intact until the new one is complete, and a file another process finished meanwhile is kept."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it (the old file is kept otherwise)")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, format_version=FORMAT_VERSION, sha256=arrays_sha256(arrays))
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two concurrent builds never share it
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays, meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} was written by another process while this one was building it; "
-                                      "that file is kept") from None
-            except OSError:  # a filesystem without hard links: rename, after one more check
-                if path.exists():
-                    raise FileExistsError(f"{path} was written by another process while this one was building it; "
-                                          "that file is kept") from None
-                os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays, meta=np.array(json.dumps(meta))), overwrite=overwrite)
     return path
 
 

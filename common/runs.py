@@ -66,18 +66,35 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, resume: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``path.tmp`` next to ``path``, fsync, then rename: readers see the old or the new file, never half."""
+def atomic_write(path: str | os.PathLike, write, overwrite: bool = True) -> Path:
+    """Write ``path`` through ``write(f)`` into this process's ``path.{pid}.tmp``, fsync, then publish it: readers see
+    the old or the new file, never half, and two processes writing one path never share a temporary file. With
+    ``overwrite=False`` publishing never replaces a file another process wrote meanwhile (FileExistsError): a hard link,
+    or where a filesystem has none, a rename after one more check."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except OSError as e:
+                if isinstance(e, FileExistsError) or path.exists():
+                    raise FileExistsError(f"{path} was written by another process while this one was writing it; "
+                                          "that file is kept") from None
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when something above failed
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -89,16 +106,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     required: ``load_checkpoint`` checks it before anything is restored."""
     if "meta" not in state:
         raise ValueError("checkpoint state needs a 'meta' dict (method, env_id, preset, seed, dims, args)")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, expect: dict | None = None, map_location="cpu") -> dict:
@@ -202,6 +210,17 @@ class Logger:
 # ---------------------------------------------------------------------------------------------
 # Progress lines
 # ---------------------------------------------------------------------------------------------
+
+
+def append_csv_rows(path: str | os.PathLike, rows: list) -> None:
+    """Append dict ``rows`` to the CSV at ``path`` (columns from the first row), writing the header if it is new."""
+    path = Path(path)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 def _hms(seconds: float) -> str:
