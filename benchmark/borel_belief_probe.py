@@ -13,7 +13,6 @@ Histories (start (0, 0) in each of the 4 episodes of 15 steps, as at test; every
 - random: 32 uniform random walks per goal (all 21 goals; a goal found once is the exact posterior from then on).
 Printed and appended to benchmark/borel_belief_probe.csv: the decoder's mass on ruled-out cells (exact: 0) after t
 steps; also the share of the dataset's episodes that visit at least 10 / 12 distinct cells."""
-import csv
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import borel
 from common.data import load_dataset
 from common.envs import make_family
+from common.runs import append_csv_rows
 
 torch.set_num_threads(1)
 MOVES = np.array([[0, 0], [0, 1], [1, 0], [0, -1], [-1, 0]])  # stay, up, right, down, left (common/envs.py)
@@ -103,13 +103,7 @@ def main():
             print(f"  {name:10s} ruled-out mass " + " ".join(f"t{t}:{m[t]:.2f}" for t in STEPS))
             rows.append({"run": run, "vae_lr": args.vae_lr, "vae_step": vae_step, "history": name}
                         | {f"t{t}": round(float(m[t]), 3) for t in STEPS})
-    out = Path(__file__).with_suffix(".csv")
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv_rows(Path(__file__).with_suffix(".csv"), rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ decoder's calibration: mean p(r = 1) at the steps where r = +1, from the final b
 Rows are appended to benchmark/ldm_imagination.csv.
 """
 
-import csv
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ldm  # noqa: E402
 from common.data import ensure_dataset  # noqa: E402
 from common.envs import make_family  # noqa: E402
+from common.runs import append_csv_rows  # noqa: E402
 
 
 @torch.no_grad()
@@ -58,13 +58,7 @@ def main(run_dirs):
     rows = [probe(d) for d in run_dirs]
     for r in rows:
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-    out = Path(__file__).with_name("ldm_imagination.csv")
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv_rows(Path(__file__).with_name("ldm_imagination.csv"), rows)
 
 
 if __name__ == "__main__":

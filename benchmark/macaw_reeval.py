@@ -14,7 +14,6 @@ error of the adapted one (from the chunk means), and the adapted return per task
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import macaw  # noqa: E402
 from common.envs import make_family  # noqa: E402
-from common.runs import load_checkpoint  # noqa: E402
+from common.runs import append_csv_rows, load_checkpoint  # noqa: E402
 
 
 def reevaluate(run_dir, draws: int, chunk: int, seed: int, first_seed: int | None = None) -> dict:
@@ -73,13 +72,7 @@ def main(argv=None):
               f"+- {row['adapted_se']:.2f} (SE, {row['draws']} draws per task), unadapted {row['unadapted_test']:.2f}; "
               f"per task {row['per_task']}", flush=True)
         rows.append(row)
-    out = Path(a.out)
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv_rows(a.out, rows)
     return rows
 
 

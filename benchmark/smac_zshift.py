@@ -13,7 +13,6 @@ nearest to its own task's offline posterior, and the return of one episode with 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import smac  # noqa: E402
 from common.data import ensure_dataset, sample_context  # noqa: E402
 from common.envs import make_family  # noqa: E402
 from common.evaluation import run_episodes  # noqa: E402
+from common.runs import append_csv_rows  # noqa: E402
 
 
 def main(argv=None):
@@ -63,13 +63,7 @@ def main(argv=None):
            "return_offline_mu": rets["offline"], "return_exploration_mu": rets["exploration"]}
     for k, v in row.items():
         print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
-    out = Path(a.out)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    append_csv_rows(a.out, [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}])
 
 
 if __name__ == "__main__":
