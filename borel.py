@@ -54,6 +54,9 @@ Deviations (and fixes of the official defects, spec borel.md §8):
   DQN, exact for discrete actions: + alpha_cql (logsumexp_a Q(s+, a) - Q(s+, a_data)) (official alpha_cql 2).
 - ``--relabel-episodes N`` (not official) swaps the first N episodes of a relabelled rollout instead of the first half.
 - ``--vae-from RUN_DIR`` reuses the finished VAE of another run, so RL-stage settings can be compared on one belief.
+- ``--belief-input cells`` (GridNavi, not official) gives the policy the decoder's goal probability of every cell at
+  mu_t instead of [mu_t, log sigma_t^2]: many latents decode to one belief, and a DQN on the raw latent can fail to
+  act on a belief it has never seen in that form (a goal decoded with p = 1, yet the greedy policy walks elsewhere).
 - Also reported: mode A (the belief after one offline episode of the test task's data, then one episode), the
   project's common offline-context protocol.
 """
@@ -160,6 +163,9 @@ class Args:
     flag use_cql with alpha_cql 2; off in the official configs)"""
     goal_terminal: bool = True
     """official: reaching the goal region ends the bootstrap (grid, sparse point robot)"""
+    belief_input: str = "latent"
+    """what the policy reads next to the state: latent = [mu, log sigma^2] (official); cells (grid only, not
+    official) = the decoder's goal probability of every cell at mu, so histories with one decoded belief look alike"""
 
     # evaluation
     eval_tasks: int | None = None
@@ -368,6 +374,14 @@ def beliefs(vae: VAE, roll: dict, bits, chunk: int = 4096):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def policy_belief(vae: VAE, b, belief_input: str):
+    """The belief part of the policy's input from [mu, logvar] (..., 2m): itself, or the decoded cell probabilities."""
+    if belief_input == "latent":
+        return b
+    return torch.sigmoid(vae.dec(b[..., : b.shape[-1] // 2]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Offline RL networks (rlkit Mlp init: hidden U(+-1/sqrt(out_features)), bias 0.1; last layer U(+-3e-3))
 # ---------------------------------------------------------------------------------------------
@@ -518,13 +532,14 @@ def act_on(nets, x, discrete):
 
 
 @torch.no_grad()
-def evaluate_bamdp(nets, vae, family, task_ids, k, device, seed, h0=None):
+def evaluate_bamdp(nets, vae, family, task_ids, k, device, seed, h0=None, belief_input="latent"):
     """k consecutive deterministic episodes per task from the belief of hidden state h0 (None: the prior);
     returns (returns, successes) of shape (tasks, k)."""
     venv = family.make_vec_env(task_ids, 1, seed=seed)
     B, H = venv.num_envs, family.horizon
     h = torch.zeros(1, B, vae.gru.hidden_size, device=device) if h0 is None else h0
-    state = {"h": h, "b": torch.cat(vae.heads(h[0]), -1), "t": 0}
+    belief = lambda h: policy_belief(vae, torch.cat(vae.heads(h[0]), -1), belief_input)
+    state = {"h": h, "b": belief(h), "t": 0}
 
     def act(obs, ep, t):
         x = torch.cat([torch.as_tensor(obs, dtype=torch.float32, device=device), state["b"]], -1)
@@ -536,7 +551,7 @@ def evaluate_bamdp(nets, vae, family, task_ids, k, device, seed, h0=None):
         a_t = a_t.long() if family.discrete else a_t.float()
         _, _, state["h"] = vae.encode(a_t, torch.as_tensor(no, dtype=torch.float32, device=device)[None],
                                       torch.as_tensor(r, dtype=torch.float32, device=device)[None], bit, state["h"])
-        state["b"] = torch.cat(vae.heads(state["h"][0]), -1)
+        state["b"] = belief(state["h"])
         state["t"] += 1
 
     return run_episodes(venv, act, k, observe=observe)
@@ -569,11 +584,11 @@ def evaluate(step, nets, vae, family, ds, k, args, device, logger):
     test_ids = family.test_idx[: args.eval_tasks] if args.eval_tasks else family.test_idx
     res = {}
     for split, ids in (("test", test_ids), ("train", family.train_idx[: len(test_ids)])):
-        ret, succ = evaluate_bamdp(nets, vae, family, ids, k, device, seed)
+        ret, succ = evaluate_bamdp(nets, vae, family, ids, k, device, seed, belief_input=args.belief_input)
         logger.log_eval(step, "B", split, ids, ret, succ)
         res[("B", split)] = (ret, succ)
     h = context_hidden(vae, ds, family, test_ids, device, seed + 1)
-    ret, succ = evaluate_bamdp(nets, vae, family, test_ids, 1, device, seed + 2, h0=h)
+    ret, succ = evaluate_bamdp(nets, vae, family, test_ids, 1, device, seed + 2, h0=h, belief_input=args.belief_input)
     logger.log_eval(step, "A", "test", test_ids, ret, succ)
     res[("A", "test")] = (ret, succ)
     ret_b = res[("B", "test")][0]
@@ -594,7 +609,7 @@ def make_nets(family, args, k, device):
     size = family.config.get("size", 0)
     vae = VAE(family.obs_dim, family.act_dim, family.n_actions, kind, args, done_bit=k > 1,
               n_cells=size * size, grid_size=size).to(device)
-    x_dim = family.obs_dim + 2 * args.latent_dim
+    x_dim = family.obs_dim + (size * size if args.belief_input == "cells" else 2 * args.latent_dim)
     if family.discrete:
         nets = {"q": EnsembleMlp(1, x_dim, args.hidden, family.n_actions)}
         nets["q_targ"] = EnsembleMlp(1, x_dim, args.hidden, family.n_actions)
@@ -617,6 +632,10 @@ def main(args: Args):
     if args.rl_relabel and not args.relabel:
         raise SystemExit("--rl-relabel trains the RL stage on the relabelled rollouts; it needs reward relabelling "
                          "(drop --no-relabel)")
+    if args.belief_input not in ("latent", "cells"):
+        raise SystemExit(f"--belief-input must be latent or cells, not {args.belief_input!r}")
+    if args.belief_input == "cells" and family.env_id != "GridNavi":
+        raise SystemExit("--belief-input cells decodes one goal probability per grid cell: GridNavi only")
     if args.cql_weight > 0 and not family.discrete:
         raise SystemExit("--cql-weight is implemented for the DQN learner (discrete actions) only")
     if args.relabel and (why := relabel_unsupported(family)):
@@ -647,7 +666,8 @@ def main(args: Args):
     meta = {"method": "borel", "env_id": args.env_id, "preset": args.preset, "seed": args.seed, "obs_dim": family.obs_dim,
             "act_dim": family.act_dim, "n_actions": family.n_actions, "latent_dim": args.latent_dim, "hidden": args.hidden,
             "gru_hidden": args.gru_hidden, "relabel": args.relabel, "relabel_episodes": args.relabel_episodes,
-            "rl_relabel": args.rl_relabel, "cql_weight": args.cql_weight, "vae_from": args.vae_from}
+            "rl_relabel": args.rl_relabel, "cql_weight": args.cql_weight, "vae_from": args.vae_from,
+            "belief_input": args.belief_input}
     vae_source = None  # the VAE settings of --vae-from's run, for the summary
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
@@ -724,7 +744,7 @@ def main(args: Args):
     for p in vae.parameters():
         p.requires_grad_(False)
     rl_roll = vae_data if args.rl_relabel else roll
-    data = HyperData(rl_roll, beliefs(vae, rl_roll, bits), args.goal_terminal)
+    data = HyperData(rl_roll, policy_belief(vae, beliefs(vae, rl_roll, bits), args.belief_input), args.goal_terminal)
     res, scalars = None, {}
     if step == 0:
         res, scalars = evaluate(step, nets, vae, family, ds, k, args, device, logger)
@@ -766,6 +786,7 @@ def main(args: Args):
     method = ("borel-rlrelabel" if args.rl_relabel else "borel") if args.relabel else "borel-norelabel"
     method += f"-rr{args.relabel_episodes}" if args.relabel and args.relabel_episodes else ""
     method += f"-cql{args.cql_weight:g}" if args.cql_weight > 0 else ""
+    method += "-cells" if args.belief_input == "cells" else ""
     lr = (vae_source or {}).get("vae_lr", args.vae_lr)  # the lr that trained this run's VAE
     method += f"-vaelr{lr:g}" if lr != Args.vae_lr else ""  # so benchmark/report.py keeps it apart from the official lr
     write_summary(run_dir, method=method, env_id=args.env_id, preset=args.preset,

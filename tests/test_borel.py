@@ -295,3 +295,26 @@ def test_dqn_cql_term_is_the_log_sum_exp_gap_and_is_refused_for_sac():
     assert float(gap_new) < float(gap)
     with pytest.raises(SystemExit, match="DQN"):
         borel.main(borel.Args(env_id="PointRobot", cql_weight=1.0, relabel=False, cuda=False, run_dir="/nonexistent/x"))
+
+
+def test_cells_belief_input_feeds_the_decoded_goal_probabilities_and_is_grid_only(grid_ds, tmp_path):
+    kw = dict(cuda=False, dataset=str(grid_ds.path), gru_hidden=16, hidden=16, vae_epochs=0.5, meta_batch=4,
+              batch_size=32, updates_per_iter=10, eval_every=10, print_every=1000, log_every=10)
+    torch.manual_seed(0)
+    args = tiny_args()
+    vae = borel.VAE(2, 0, 5, "grid", args, done_bit=True, n_cells=25, grid_size=5)
+    b = torch.randn(3, 7, 10)
+    p = borel.policy_belief(vae, b, "cells")
+    torch.testing.assert_close(p, torch.sigmoid(vae.dec(b[..., :5])))
+    assert p.shape == (3, 7, 25) and borel.policy_belief(vae, b, "latent") is b
+    borel.main(borel.Args(total_steps=10, run_dir=str(tmp_path / "cells"), belief_input="cells", **kw))
+    summary = json.loads((tmp_path / "cells" / "summary.json").read_text())
+    assert summary["method"] == "borel-cells" and summary["total_steps"] == 10
+    state = torch.load(tmp_path / "cells" / "checkpoint.pt", weights_only=False)
+    assert state["nets"]["q"]["weights.0"].shape == (1, 2 + 25, 16)  # the state and one probability per cell
+    with pytest.raises(Exception, match="belief_input"):  # a cells checkpoint does not resume as the official input
+        borel.main(borel.Args(total_steps=20, run_dir=str(tmp_path / "cells"), resume=True, **kw))
+    with pytest.raises(SystemExit, match="GridNavi only"):
+        borel.main(borel.Args(env_id="PointRobot", belief_input="cells", relabel=False, cuda=False, run_dir="/nonexistent/x"))
+    with pytest.raises(SystemExit, match="latent or cells"):
+        borel.main(borel.Args(belief_input="probs", cuda=False, run_dir="/nonexistent/x"))
