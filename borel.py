@@ -68,6 +68,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -163,7 +164,7 @@ class Args:
     flag use_cql with alpha_cql 2; off in the official configs)"""
     goal_terminal: bool = True
     """official: reaching the goal region ends the bootstrap (grid, sparse point robot)"""
-    belief_input: str = "latent"
+    belief_input: Literal["latent", "cells"] = "latent"
     """what the policy reads next to the state: latent = [mu, log sigma^2] (official); cells (grid only, not
     official) = the decoder's goal probability of every cell at mu, so histories with one decoded belief look alike"""
 
