@@ -22,6 +22,7 @@ Equations (tau one rollout of H+ steps, z_t ~ q_t by one reparameterised sample,
     ELBO loss  L(tau) = sum_{t=0..H+} [ sum_{j=0..H+-1} l(R_theta(z_t, s_{j+1}[, s_j, a_j]), r_j) + beta KL(q_t || q_{t-1}) ]
                l = squared error (continuous rewards) or BCE of the goal-cell Bernoulli (grid), beta = 0.05
     DQN        y = r + gamma (1 - d) max_a' Qbar(s+', a'),   L = mean (Q(s+, a) - y)^2
+               (--double-q: y = r + gamma (1 - d) Qbar(s+', argmax_a' Q(s+', a')))
     SAC        y = r + gamma (1 - d) [min_i Qbar_i(s+', a') - alpha log pi(a'|s+')],   L_Q = sum_i mean (Q_i - y)^2
                L_pi = mean [alpha log pi(a~|s+) - min_i Q_i(s+, a~)]   (fixed alpha)
 
@@ -162,6 +163,8 @@ class Args:
     cql_weight: float = 0.0
     """DQN only: weight of the CQL(H) term alpha_cql (logsumexp_a Q(s+, a) - Q(s+, a_data)) (official ablation
     flag use_cql with alpha_cql 2; off in the official configs)"""
+    double_q: bool = False
+    """DQN only: double DQN targets (the official online learner's policy ddqn; its offline configs use plain DQN)"""
     goal_terminal: bool = True
     """official: reaching the goal region ends the bootstrap (grid, sparse point robot)"""
     belief_input: Literal["latent", "cells"] = "latent"
@@ -443,9 +446,14 @@ def polyak_(target, source, tau):
 
 
 def dqn_update(nets, opts, b, args):
-    """One DQN step on hyper-states: y = r + gamma (1 - d) max_a' Qbar(s+', a')."""
+    """One DQN step on hyper-states: y = r + gamma (1 - d) max_a' Qbar(s+', a') (double DQN: Qbar(s+', argmax_a' Q(s+', a')))."""
     with torch.no_grad():
-        y = b["r"] + args.gamma * (1 - b["d"]) * nets["q_targ"](b["x2"])[0].max(-1).values
+        q_next = nets["q_targ"](b["x2"])[0]
+        if args.double_q:  # the online net picks a', the target net scores it
+            v_next = q_next.gather(-1, nets["q"](b["x2"])[0].argmax(-1, keepdim=True)).squeeze(-1)
+        else:
+            v_next = q_next.max(-1).values
+        y = b["r"] + args.gamma * (1 - b["d"]) * v_next
     q_all = nets["q"](b["x"])[0]
     q = q_all.gather(-1, b["a"][..., None]).squeeze(-1)
     loss = F.mse_loss(q, y)
@@ -637,6 +645,8 @@ def main(args: Args):
         raise SystemExit(f"--belief-input must be latent or cells, not {args.belief_input!r}")
     if args.belief_input == "cells" and family.env_id != "GridNavi":
         raise SystemExit("--belief-input cells decodes one goal probability per grid cell: GridNavi only")
+    if args.double_q and not family.discrete:
+        raise SystemExit("--double-q is for the DQN learner (discrete actions) only")
     if args.cql_weight > 0 and not family.discrete:
         raise SystemExit("--cql-weight is implemented for the DQN learner (discrete actions) only")
     if args.relabel and (why := relabel_unsupported(family)):
@@ -668,6 +678,7 @@ def main(args: Args):
             "act_dim": family.act_dim, "n_actions": family.n_actions, "latent_dim": args.latent_dim, "hidden": args.hidden,
             "gru_hidden": args.gru_hidden, "relabel": args.relabel, "relabel_episodes": args.relabel_episodes,
             "rl_relabel": args.rl_relabel, "cql_weight": args.cql_weight, "vae_from": args.vae_from,
+            "double_q": args.double_q,
             "belief_input": args.belief_input}
     vae_source = None  # the VAE settings of --vae-from's run, for the summary
     if args.resume and ckpt_path.exists():
@@ -788,6 +799,7 @@ def main(args: Args):
     method += f"-rr{args.relabel_episodes}" if args.relabel and args.relabel_episodes else ""
     method += f"-cql{args.cql_weight:g}" if args.cql_weight > 0 else ""
     method += "-cells" if args.belief_input == "cells" else ""
+    method += "-ddqn" if args.double_q else ""
     lr = (vae_source or {}).get("vae_lr", args.vae_lr)  # the lr that trained this run's VAE
     method += f"-vaelr{lr:g}" if lr != Args.vae_lr else ""  # so benchmark/report.py keeps it apart from the official lr
     write_summary(run_dir, method=method, env_id=args.env_id, preset=args.preset,

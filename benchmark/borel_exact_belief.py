@@ -35,6 +35,8 @@ class Args:
     """DQN updates"""
     eval_every: int = 2_500
     """updates between evaluations"""
+    double_q: bool = False
+    """double DQN targets (borel.py --double-q)"""
     out: str = "benchmark/borel_exact_belief.csv"
     """CSV the evaluation rows are appended to"""
 
@@ -60,7 +62,7 @@ def exact_posterior(next_obs, rewards, goal_cells, size):
 def main(a: Args):
     torch.set_num_threads(1)
     seed_everything(a.seed)
-    args = borel.resolve_args(borel.Args(seed=a.seed, belief_input="cells", cuda=False))
+    args = borel.resolve_args(borel.Args(seed=a.seed, belief_input="cells", cuda=False, double_q=a.double_q))
     fam = make_family("GridNavi", "borel")
     k, H, size = fam.episodes_per_task, fam.horizon, fam.config["size"]
     goal_cells = torch.as_tensor([int(g[0]) * size + int(g[1]) for g in fam.tasks[fam.train_idx]])
@@ -101,7 +103,7 @@ def main(a: Args):
         if step % a.eval_every == 0:
             ret, succ = evaluate()
             per_ep = ret.mean(0)
-            rows.append({"seed": a.seed, "step": step, "B_test_sum": round(float(ret.sum(1).mean()), 3),
+            rows.append({"seed": a.seed, "double_q": a.double_q, "step": step, "B_test_sum": round(float(ret.sum(1).mean()), 3),
                          **{f"B_test_ep{e + 1}": round(float(v), 3) for e, v in enumerate(per_ep)},
                          "success": round(float(succ.any(1).mean()), 3)})
             print(f"step {step}: sum {rows[-1]['B_test_sum']:.2f} per episode {np.round(per_ep, 2)} success "

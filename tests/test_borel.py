@@ -318,3 +318,23 @@ def test_cells_belief_input_feeds_the_decoded_goal_probabilities_and_is_grid_onl
         borel.main(borel.Args(env_id="PointRobot", belief_input="cells", relabel=False, cuda=False, run_dir="/nonexistent/x"))
     with pytest.raises(SystemExit, match="latent or cells"):
         borel.main(borel.Args(belief_input="probs", cuda=False, run_dir="/nonexistent/x"))
+
+
+def test_double_dqn_target_scores_the_online_argmax_with_the_target_net():
+    torch.manual_seed(0)
+    nets = {"q": borel.EnsembleMlp(1, 12, 16, 5), "q_targ": borel.EnsembleMlp(1, 12, 16, 5)}  # independent inits
+    b = {"x": torch.randn(3, 7, 12), "x2": torch.randn(3, 7, 12), "a": torch.randint(5, (3, 7)), "r": torch.randn(3, 7),
+         "d": (torch.rand(3, 7) < 0.3).float()}
+    q = nets["q"](b["x"])[0].detach().gather(-1, b["a"][..., None]).squeeze(-1)
+    q2, qt2 = nets["q"](b["x2"])[0].detach(), nets["q_targ"](b["x2"])[0].detach()
+    y_double = b["r"] + 0.99 * (1 - b["d"]) * qt2.gather(-1, q2.argmax(-1, keepdim=True)).squeeze(-1)
+    y_plain = b["r"] + 0.99 * (1 - b["d"]) * qt2.max(-1).values
+    assert not torch.allclose(y_double, y_plain)  # the two nets disagree on a' somewhere
+    targ0 = {k: v.clone() for k, v in nets["q_targ"].state_dict().items()}
+    for double, y in ((True, y_double), (False, y_plain)):
+        nets["q_targ"].load_state_dict(targ0)  # undo the previous update's Polyak step
+        opts = {"q": torch.optim.SGD(nets["q"].parameters(), lr=0.0)}
+        stats = borel.dqn_update(nets, opts, b, tiny_args(env_id="GridNavi", double_q=double))
+        assert float(stats["loss/q"]) == pytest.approx(float(((q - y) ** 2).mean()), rel=1e-5)
+    with pytest.raises(SystemExit, match="DQN"):
+        borel.main(borel.Args(env_id="PointRobot", double_q=True, relabel=False, cuda=False, run_dir="/nonexistent/x"))
