@@ -613,6 +613,18 @@ def evaluate(step, nets, vae, family, ds, k, args, device, logger):
 # ---------------------------------------------------------------------------------------------
 
 
+def variant_name(args: Args, vae_lr: float | None = None) -> str:
+    """The method label of summary.json: borel plus the flags that change what is learned; vae_lr: the lr that
+    trained the VAE when it came from another run (--vae-from)."""
+    method = ("borel-rlrelabel" if args.rl_relabel else "borel") if args.relabel else "borel-norelabel"
+    method += f"-rr{args.relabel_episodes}" if args.relabel and args.relabel_episodes else ""
+    method += f"-cql{args.cql_weight:g}" if args.cql_weight > 0 else ""
+    method += "-cells" if args.belief_input == "cells" else ""
+    method += "-ddqn" if args.double_q else ""
+    lr = args.vae_lr if vae_lr is None else vae_lr
+    return method + (f"-vaelr{lr:g}" if lr != Args.vae_lr else "")  # report.py keeps it apart from the official lr
+
+
 def make_nets(family, args, k, device):
     kind = "grid" if family.env_id == "GridNavi" else "mujoco" if family.env_id in MUJOCO_FAMILY_NAMES else "point"
     size = family.config.get("size", 0)
@@ -795,13 +807,7 @@ def main(args: Args):
     modes = {"B_sum": eval_entry(ret_b.sum(1), res[("B", "train")][0].sum(1))}
     modes |= {f"B_ep{e + 1}": eval_entry(ret_b[:, e], res[("B", "train")][0][:, e]) for e in range(k)}
     modes["A"] = eval_entry(res[("A", "test")][0][:, 0])
-    method = ("borel-rlrelabel" if args.rl_relabel else "borel") if args.relabel else "borel-norelabel"
-    method += f"-rr{args.relabel_episodes}" if args.relabel and args.relabel_episodes else ""
-    method += f"-cql{args.cql_weight:g}" if args.cql_weight > 0 else ""
-    method += "-cells" if args.belief_input == "cells" else ""
-    method += "-ddqn" if args.double_q else ""
-    lr = (vae_source or {}).get("vae_lr", args.vae_lr)  # the lr that trained this run's VAE
-    method += f"-vaelr{lr:g}" if lr != Args.vae_lr else ""  # so benchmark/report.py keeps it apart from the official lr
+    method = variant_name(args, (vae_source or {}).get("vae_lr"))
     write_summary(run_dir, method=method, env_id=args.env_id, preset=args.preset,
                   seed=args.seed, total_steps=step, wall_time_s=wall_before + time.time() - t_start, updates_per_s=ups,
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,

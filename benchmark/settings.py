@@ -196,6 +196,21 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "are other tasks' episodes scored with its reward, beliefs recomputed on them); 20k SAC updates; "
                 "~35 min per seed on one shared core",
     },
+    ("borel-vaelr0.001", "GridNavi"): {
+        "script": "borel",
+        "preset": "borel",
+        "args": ["--vae-lr", "1e-3", "--eval-every", "2500", "--no-cuda"],
+        "steps": 250_000,
+        "note": "as borel/GridNavi with VariBAD's grid VAE learning rate 1e-3 (official BOReL 3e-4); ~55 min per seed",
+    },
+    ("borel-cells-vaelr0.001", "GridNavi"): {
+        "script": "borel",
+        "preset": "borel",
+        "args": ["--vae-lr", "1e-3", "--belief-input", "cells", "--eval-every", "2500", "--no-cuda"],
+        "steps": 250_000,
+        "note": "as borel-vaelr0.001/GridNavi, and the DQN reads the decoded goal probability of each cell instead of "
+                "[mu, log sigma^2] (not official); ~55 min per seed on one shared core",
+    },
     ("borel-norelabel", "GridNavi"): {
         "script": "borel",
         "preset": "borel",
