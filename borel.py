@@ -690,8 +690,7 @@ def main(args: Args):
             "act_dim": family.act_dim, "n_actions": family.n_actions, "latent_dim": args.latent_dim, "hidden": args.hidden,
             "gru_hidden": args.gru_hidden, "relabel": args.relabel, "relabel_episodes": args.relabel_episodes,
             "rl_relabel": args.rl_relabel, "cql_weight": args.cql_weight, "vae_from": args.vae_from,
-            "double_q": args.double_q,
-            "belief_input": args.belief_input}
+            "double_q": args.double_q, "belief_input": args.belief_input}
     vae_source = None  # the VAE settings of --vae-from's run, for the summary
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)

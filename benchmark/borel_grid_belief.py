@@ -28,7 +28,7 @@ visited = [set() for _ in range(B)]
 obs = venv.reset()
 with torch.no_grad():
     for t in range(H):
-        bel = torch.cat(vae.heads(h[0]), -1)
+        bel = borel.policy_belief(vae, torch.cat(vae.heads(h[0]), -1), args.belief_input)
         a = borel.act_on(nets, torch.cat([torch.as_tensor(obs, dtype=torch.float32), bel], -1), True)
         nobs, r, *_ = venv.step(a.numpy())
         for i in range(B):
