@@ -41,22 +41,23 @@ class Args:
     """CSV the evaluation rows are appended to"""
 
 
-def exact_posterior(next_obs, rewards, goal_cells, size):
+def posterior(alive, found):
+    """Uniform over the goal cells still alive, or one-hot on the goal once found; alive / found (..., cells)."""
+    p = torch.where(found.sum(-1, keepdim=True) > 0, found, alive)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-9)
+
+
+def exact_posterior(next_obs, rewards, prior, size):
     """Posterior over cells before each step and after the last one: (R, T + 1, cells) from (R, T, 2) positions and
-    (R, T) rewards; goal_cells: the cells that can hold the goal (the training goals)."""
+    (R, T) rewards; prior: 1 on the cells that can hold the goal (the training goals), else 0."""
     R, T = rewards.shape
     cell = (next_obs[..., 0] * size + next_obs[..., 1]).long()
     seen = torch.zeros(R, T + 1, size * size)
     seen[:, 1:].scatter_(2, cell[..., None], 1.0)
-    ruled_out = seen.cummax(1).values  # cells stood on so far (a found goal is handled below)
-    prior = torch.zeros(size * size)
-    prior[goal_cells] = 1.0
-    p = prior * (1 - ruled_out)
     hit = torch.zeros(R, T + 1, size * size)
     hit[:, 1:].scatter_(2, cell[..., None], (rewards == 1.0).float()[..., None])
-    found = hit.cummax(1).values
-    p = torch.where(found.sum(-1, keepdim=True) > 0, found, p)
-    return p / p.sum(-1, keepdim=True).clamp_min(1e-9)
+    # cells stood on so far rule their goal out; a +1 pins it
+    return posterior(prior * (1 - seen.cummax(1).values), hit.cummax(1).values)
 
 
 def main(a: Args):
@@ -64,27 +65,23 @@ def main(a: Args):
     seed_everything(a.seed)
     args = borel.resolve_args(borel.Args(seed=a.seed, belief_input="cells", cuda=False, double_q=a.double_q))
     fam = make_family("GridNavi", "borel")
-    k, H, size = fam.episodes_per_task, fam.horizon, fam.config["size"]
-    goal_cells = torch.as_tensor([int(g[0]) * size + int(g[1]) for g in fam.tasks[fam.train_idx]])
+    k, size = fam.episodes_per_task, fam.config["size"]
+    prior = torch.zeros(size * size)
+    prior[[int(g[0]) * size + int(g[1]) for g in fam.tasks[fam.train_idx]]] = 1.0
     ds = ensure_dataset("GridNavi", "borel", family=fam)
     roll = borel.to_tensors(borel.build_rollouts(ds, fam, fam.train_idx, k), True, "cpu")
-    data = borel.HyperData(roll, exact_posterior(roll["next_obs"], roll["rewards"], goal_cells, size), True)
+    data = borel.HyperData(roll, exact_posterior(roll["next_obs"], roll["rewards"], prior, size), True)
     _, nets, opts = borel.make_nets(fam, args, k, "cpu")
     gen = torch.Generator().manual_seed(a.seed)
 
     def evaluate():
         venv = fam.make_vec_env(fam.test_idx, 1, seed=a.seed)
         B = venv.num_envs
-        prior = torch.zeros(size * size)
-        prior[goal_cells] = 1.0
         st = {"alive": prior.repeat(B, 1), "found": torch.zeros(B, size * size)}
 
-        def belief():
-            p = torch.where(st["found"].sum(-1, keepdim=True) > 0, st["found"], st["alive"])
-            return p / p.sum(-1, keepdim=True).clamp_min(1e-9)
-
         def act(obs, ep, t):
-            return borel.act_on(nets, torch.cat([torch.as_tensor(obs, dtype=torch.float32), belief()], -1), True).numpy()
+            x = torch.cat([torch.as_tensor(obs, dtype=torch.float32), posterior(st["alive"], st["found"])], -1)
+            return borel.act_on(nets, x, True).numpy()
 
         def observe(o, act_, r, no, term, trunc, info, alive):
             cell = torch.as_tensor(no[:, 0] * size + no[:, 1]).long()
