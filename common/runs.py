@@ -213,11 +213,18 @@ class Logger:
 
 
 def append_csv_rows(path: str | os.PathLike, rows: list) -> None:
-    """Append dict ``rows`` to the CSV at ``path`` (columns from the first row), writing the header if it is new."""
+    """Append dict ``rows`` to the CSV at ``path`` (columns from the first row), writing the header if it is new.
+    An existing file must have exactly these columns in this order: rows are never written under another header."""
     path = Path(path)
-    new = not path.exists()
+    fields = list(rows[0])
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            raise ValueError(f"{path}: its columns {header} differ from the rows' {fields}; write to a new file")
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         w.writerows(rows)

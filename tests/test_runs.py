@@ -1,5 +1,6 @@
 """Run plumbing: CSV logs, progress lines, summary.json, atomic writes, checkpoint errors, seeding."""
 
+import csv
 import json
 import os
 import random
@@ -156,3 +157,17 @@ def test_pick_device_falls_back_to_cpu(monkeypatch, capsys):
         assert runs.pick_device(True) == torch.device("cpu")
     assert runs.pick_device(False) == torch.device("cpu")
     assert "device: cpu" in capsys.readouterr().out
+
+
+def test_append_csv_rows_appends_under_its_header_and_refuses_other_columns(tmp_path):
+    path = tmp_path / "rows.csv"
+    runs.append_csv_rows(path, [{"seed": 1, "ret": -5.0}])
+    runs.append_csv_rows(path, [{"seed": 2, "ret": -4.0}])
+    with open(path, newline="") as f:
+        assert list(csv.DictReader(f)) == [{"seed": "1", "ret": "-5.0"}, {"seed": "2", "ret": "-4.0"}]
+    before = path.read_text()
+    with pytest.raises(ValueError, match="columns"):
+        runs.append_csv_rows(path, [{"seed": 3, "ret": -3.0, "extra": 1}])
+    with pytest.raises(ValueError, match="columns"):
+        runs.append_csv_rows(path, [{"ret": -3.0, "seed": 3}])
+    assert path.read_text() == before
