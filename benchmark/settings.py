@@ -178,6 +178,22 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "BOReL on the shared PointRobot dataset (k = 1 episode of 20 steps): VAE 100 epochs, SAC 128x2, "
                 "gamma 0.9, alpha 0.01; 30k of the paper's 5M SAC updates; ~47 min on one shared core",
     },
+    ("borel", "SparsePointRobot"): {
+        "preset": "borel",
+        "args": ["--vae-epochs", "5", "--vae-rollouts-per-task", "2", "--eval-every", "5000", "--no-cuda"],
+        "steps": 30_000,
+        "note": "BOReL on the paper's sparse semicircle (100 goals, 80 / 20, k = 2 episodes of 60 steps): VAE 5 epochs "
+                "of 8 tasks x 2 rollouts (3.9k updates; official 100 epochs of 8 x 8), SAC 128x2, gamma 0.9, alpha 0.01, "
+                "30k of the paper's 5M SAC updates; ~50 min per seed on one shared core",
+    },
+    ("borel-norelabel", "SparsePointRobot"): {
+        "script": "borel",
+        "preset": "borel",
+        "args": ["--no-relabel", "--vae-epochs", "5", "--vae-rollouts-per-task", "2", "--eval-every", "5000", "--no-cuda"],
+        "steps": 30_000,
+        "note": "the paper's ablation on the sparse semicircle: the VAE trained without reward relabelling; otherwise as "
+                "borel/SparsePointRobot",
+    },
     ("borel-rlrelabel", "GridNavi"): {
         "script": "borel",
         "preset": "borel",
