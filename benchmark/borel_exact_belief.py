@@ -8,7 +8,7 @@ data at all.
 
     OMP_NUM_THREADS=1 python benchmark/borel_exact_belief.py --seed 1 --total-steps 50000
 
-Rows (one per evaluation: seed, step, summed 4-episode test return, per episode, success) are appended to
+Rows (one per evaluation: seed, double_q, lr, step, summed 4-episode test return, per episode, success) are appended to
 benchmark/borel_exact_belief.csv."""
 import sys
 import time
@@ -37,6 +37,8 @@ class Args:
     """updates between evaluations"""
     double_q: bool = False
     """double DQN targets (borel.py --double-q)"""
+    lr: float = 3e-4
+    """DQN learning rate (borel.py --lr; official 3e-4)"""
     out: str = "benchmark/borel_exact_belief.csv"
     """CSV the evaluation rows are appended to"""
 
@@ -63,7 +65,7 @@ def exact_posterior(next_obs, rewards, prior, size):
 def main(a: Args):
     torch.set_num_threads(1)
     seed_everything(a.seed)
-    args = borel.resolve_args(borel.Args(seed=a.seed, belief_input="cells", cuda=False, double_q=a.double_q))
+    args = borel.resolve_args(borel.Args(seed=a.seed, belief_input="cells", cuda=False, double_q=a.double_q, lr=a.lr))
     fam = make_family("GridNavi", "borel")
     k, size = fam.episodes_per_task, fam.config["size"]
     prior = torch.zeros(size * size)
@@ -100,7 +102,7 @@ def main(a: Args):
         if step % a.eval_every == 0:
             ret, succ = evaluate()
             per_ep = ret.mean(0)
-            rows.append({"seed": a.seed, "double_q": a.double_q, "step": step, "B_test_sum": round(float(ret.sum(1).mean()), 3),
+            rows.append({"seed": a.seed, "double_q": a.double_q, "lr": a.lr, "step": step, "B_test_sum": round(float(ret.sum(1).mean()), 3),
                          **{f"B_test_ep{e + 1}": round(float(v), 3) for e, v in enumerate(per_ep)},
                          "success": round(float(succ.any(1).mean()), 3)})
             print(f"step {step}: sum {rows[-1]['B_test_sum']:.2f} per episode {np.round(per_ep, 2)} success "
