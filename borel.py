@@ -54,6 +54,9 @@ Deviations (and fixes of the official defects, spec borel.md §8):
 - Fixed alpha only, no CQL (both as the official configs run). ``--cql-weight`` adds the official CQL ablation to the
   DQN, exact for discrete actions: + alpha_cql (logsumexp_a Q(s+, a) - Q(s+, a_data)) (official alpha_cql 2).
 - ``--relabel-episodes N`` (not official) swaps the first N episodes of a relabelled rollout instead of the first half.
+- ``--elbo-latents N`` (off by default) reconstructs each rollout's rewards from N random latents instead of all
+  H+ + 1, rescaled (VariBAD's ``vae_subsample_elbos``): the MuJoCo decode grid (201 x 200 per rollout) is the VAE's
+  cost on a CPU.
 - ``--vae-from RUN_DIR`` reuses the finished VAE of another run, so RL-stage settings can be compared on one belief.
 - ``--belief-input cells`` (GridNavi, not official) gives the policy the decoder's goal probability of every cell at
   mu_t instead of [mu_t, log sigma_t^2]: many latents decode to one belief, and a DQN on the raw latent can fail to
@@ -128,6 +131,9 @@ class Args:
     """encoder reward embedding (grid 8, others 16)"""
     decoder_hidden: int = 32
     """reward decoder: two hidden layers of this width"""
+    elbo_latents: int = 0
+    """latents per rollout that reconstruct the rollout's rewards in a VAE update (0: all H+ + 1, official; fewer,
+    drawn at random and rescaled, is an unbiased and cheaper estimate, as VariBAD's vae_subsample_elbos)"""
     relabel: bool = True
     """reward relabelling of the VAE's training rollouts (--no-relabel: the paper's ablation)"""
     relabel_episodes: int | None = None
@@ -340,15 +346,20 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)
 
 
-def elbo_loss(vae: VAE, batch: dict, bits, kl_weight: float, generator=None):
+def elbo_loss(vae: VAE, batch: dict, bits, kl_weight: float, generator=None, n_latents: int = 0):
     """Negative ELBO of each rollout, averaged over the batch: sum over all H+ + 1 latents of the reconstruction of all
-    H+ rewards, plus beta times the sum of KL(q_t || q_{t-1}) with q_{-1} = N(0, I). batch fields are (B, T, ...)."""
+    H+ rewards, plus beta times the sum of KL(q_t || q_{t-1}) with q_{-1} = N(0, I). batch fields are (B, T, ...).
+    n_latents > 0: the reconstruction uses that many random latents per rollout, scaled by (H+ + 1) / n_latents."""
     tm = {key: v.transpose(0, 1) for key, v in batch.items() if key in ("obs", "next_obs", "actions", "rewards")}
-    B = tm["rewards"].shape[1]
+    T, B = tm["rewards"].shape
     mu, logvar, _ = vae.encode(tm["actions"], tm["next_obs"], tm["rewards"], bits[:, None, None].expand(-1, B, 1))
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + (0.5 * logvar).exp() * eps  # one sample per latent
-    pred = vae.decode_grid(z, tm["obs"], tm["actions"], tm["next_obs"])  # (T+1, T, B)
+    scale = 1.0
+    if n_latents and n_latents < T + 1:  # each rollout's own random subset of its T + 1 latents
+        pick = torch.rand(B, T + 1, generator=generator, device=mu.device).argsort(-1)[:, :n_latents].T  # (n, B)
+        z, scale = z.gather(0, pick[..., None].expand(-1, -1, z.shape[-1])), (T + 1) / n_latents
+    pred = vae.decode_grid(z, tm["obs"], tm["actions"], tm["next_obs"])  # (L, T, B)
     target = tm["rewards"][None].expand_as(pred)
     if vae.kind == "grid":
         rec = F.binary_cross_entropy_with_logits(pred, (target == 1.0).to(pred.dtype), reduction="none")
@@ -357,7 +368,7 @@ def elbo_loss(vae: VAE, batch: dict, bits, kl_weight: float, generator=None):
     mu_prev = torch.cat([torch.zeros_like(mu[:1]), mu[:-1]])
     lv_prev = torch.cat([torch.zeros_like(logvar[:1]), logvar[:-1]])
     kl = gaussian_kl(mu, logvar, mu_prev, lv_prev)  # (T+1, B)
-    rec_sum, kl_sum = rec.sum((0, 1)).mean(), kl.sum(0).mean()
+    rec_sum, kl_sum = scale * rec.sum((0, 1)).mean(), kl.sum(0).mean()
     return rec_sum + kl_weight * kl_sum, rec_sum, kl_sum
 
 
@@ -657,6 +668,8 @@ def main(args: Args):
         raise SystemExit(f"--belief-input must be latent or cells, not {args.belief_input!r}")
     if args.belief_input == "cells" and family.env_id != "GridNavi":
         raise SystemExit("--belief-input cells decodes one goal probability per grid cell: GridNavi only")
+    if args.elbo_latents < 0:
+        raise SystemExit(f"--elbo-latents must be 0 (all latents) or positive, not {args.elbo_latents}")
     if args.double_q and not family.discrete:
         raise SystemExit("--double-q is for the DQN learner (discrete actions) only")
     if args.cql_weight > 0 and not family.discrete:
@@ -743,7 +756,7 @@ def main(args: Args):
             u = torch.rand(len(tasks), args.vae_rollouts_per_task, device=device, generator=gen, dtype=torch.float64)
             idx = (first[tasks, None] + (u * counts[tasks, None]).long()).reshape(-1)
             batch = {key: vae_data[key][idx] for key in ("obs", "next_obs", "actions", "rewards")}
-            loss, rec, kl = elbo_loss(vae, batch, bits, args.kl_weight, gen)
+            loss, rec, kl = elbo_loss(vae, batch, bits, args.kl_weight, gen, args.elbo_latents)
             opts["vae"].zero_grad(set_to_none=True)
             loss.backward()
             opts["vae"].step()

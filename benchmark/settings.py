@@ -194,6 +194,17 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "note": "the paper's ablation on the sparse semicircle: the VAE trained without reward relabelling; otherwise as "
                 "borel/SparsePointRobot",
     },
+    ("borel-norelabel", "HalfCheetahVel"): {
+        "script": "borel",
+        "preset": "cpu",
+        "args": ["--no-relabel", "--vae-epochs", "50", "--elbo-latents", "20", "--batch-size", "64", "--eval-every", "5000",
+                 "--no-cuda"],
+        "steps": 40_000,
+        "note": "BOReL on the CPU-sized cheetah data (20 train / 10 test velocities, k = 1 episode of 200 steps) without "
+                "RR, as the official cheetah config: VAE 50 of 100 epochs (5k updates of 4 tasks x 8 rollouts) with 20 "
+                "random latents per rollout in the reconstruction, SAC 256x2, gamma 0.99, alpha 0.2 on 16 tasks x 64 "
+                "rows (official 16 x 256), 40k of the paper's 1M updates; ~50 min on one shared core",
+    },
     ("borel-rlrelabel", "GridNavi"): {
         "script": "borel",
         "preset": "borel",

@@ -99,6 +99,28 @@ def test_elbo_equals_a_loop_over_every_latent_and_every_reward(kind):
     assert loss.item() == pytest.approx((rec_loop + 0.05 * kl_loop).item() / B, rel=1e-9)
 
 
+def test_subsampled_elbo_keeps_the_kl_and_is_an_unbiased_estimate_of_the_reconstruction():
+    torch.manual_seed(0)
+    args = tiny_args(env_id="PointRobot", action_embed=4)
+    vae = borel.VAE(2, 3, 0, "mujoco", args, done_bit=False).double()
+    B, T = 4, 9
+    batch = {"obs": torch.randn(B, T, 2).double(), "next_obs": torch.randn(B, T, 2).double(),
+             "actions": torch.rand(B, T, 3).double() * 2 - 1, "rewards": torch.randn(B, T).double()}
+    bits = torch.zeros(T).double()
+    n = 300
+    full = [borel.elbo_loss(vae, batch, bits, 0.05, torch.Generator().manual_seed(s)) for s in range(n)]
+    sub = [borel.elbo_loss(vae, batch, bits, 0.05, torch.Generator().manual_seed(s), n_latents=3) for s in range(n)]
+    # the same eps draw: the KL terms do not depend on the subsample
+    for (_, _, kl_f), (_, _, kl_s) in zip(full, sub):
+        assert kl_s.item() == pytest.approx(kl_f.item(), rel=1e-12)
+    diff = np.array([s[1].item() - f[1].item() for f, s in zip(full, sub)])
+    assert diff.std() > 1e-3 * abs(np.mean([f[1].item() for f in full]))  # 3 of 10 latents: a real subsample
+    assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(n)  # rescaled by 10 / 3: no bias
+    # all latents (or more): the full sum
+    _, rec_all, _ = borel.elbo_loss(vae, batch, bits, 0.05, torch.Generator().manual_seed(0), n_latents=T + 1)
+    assert rec_all.item() == pytest.approx(full[0][1].item(), rel=1e-12)
+
+
 def test_online_belief_updates_equal_the_offline_relabelling_and_start_at_the_prior():
     torch.manual_seed(1)
     args = tiny_args(env_id="PointRobot", action_embed=4)
