@@ -340,6 +340,8 @@ def test_cells_belief_input_feeds_the_decoded_goal_probabilities_and_is_grid_onl
         borel.main(borel.Args(env_id="PointRobot", belief_input="cells", relabel=False, cuda=False, run_dir="/nonexistent/x"))
     with pytest.raises(SystemExit, match="latent or cells"):
         borel.main(borel.Args(belief_input="probs", cuda=False, run_dir="/nonexistent/x"))
+    with pytest.raises(SystemExit, match="--elbo-latents must be"):
+        borel.main(borel.Args(elbo_latents=-1, cuda=False, run_dir="/nonexistent/x"))
 
 
 def test_double_dqn_target_scores_the_online_argmax_with_the_target_net():
