@@ -728,7 +728,8 @@ def main(args: Args):
         except RuntimeError as e:
             raise SystemExit(f"--vae-from {args.vae_from}: incompatible VAE (other embedding or decoder sizes): {e}") from None
         stage, vae_step, vae_steps, history = "rl", src["vae_step"], src["vae_step"], src["history"][:1]
-        vae_source = src.get("vae_source") or {key: src["args"].get(key) for key in ("seed", "vae_epochs", "vae_lr", "kl_weight", "elbo_latents")}
+        vae_source = src.get("vae_source") or {key: src["args"].get(key)
+                                               for key in ("seed", "vae_epochs", "vae_lr", "kl_weight", "elbo_latents")}
         print(f"VAE from {args.vae_from} ({vae_step} updates; {vae_source})", flush=True)
     logger = Logger(run_dir, {**vars(args), "run_dir": str(run_dir)})
     print(f"BOReL on {args.env_id}/{args.preset}: {T_tasks} train / {len(family.test_idx)} test tasks, k={k} episodes of "

@@ -36,7 +36,10 @@ ROUTES = {  # 15 actions per episode; None: the route of every episode
 
 
 def load_vae(run):
+    """The frozen VAE of a borel.py run whose VAE stage has finished: (vae, family, args, VAE step)."""
     st = torch.load(f"{run}/checkpoint.pt", map_location="cpu", weights_only=False)
+    if st["stage"] != "rl":
+        raise SystemExit(f"{run}: its VAE stage has not finished (VAE step {st['vae_step']})")
     args = borel.resolve_args(borel.Args(**{k: v for k, v in st["args"].items() if k in borel.Args.__dataclass_fields__}))
     fam = make_family(args.env_id, args.preset)
     vae, _, _ = borel.make_nets(fam, args, fam.episodes_per_task, "cpu")

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import borel
+from borel_belief_probe import load_vae  # same folder
 from common.data import load_dataset
-from common.envs import make_family
 from common.runs import append_csv_rows
 
 torch.set_num_threads(1)
@@ -23,16 +23,10 @@ STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 400)
 
 
 def load_run(run):
-    st = torch.load(f"{run}/checkpoint.pt", map_location="cpu", weights_only=False)
-    if st["stage"] != "rl":
-        raise SystemExit(f"{run}: its VAE stage has not finished (VAE step {st['vae_step']})")
-    args = borel.resolve_args(borel.Args(**{k: v for k, v in st["args"].items() if k in borel.Args.__dataclass_fields__}))
-    fam = make_family(args.env_id, args.preset)
+    vae, fam, args, vae_step = load_vae(run)
     if fam.discrete:
         raise SystemExit(f"{run}: {args.env_id} is a grid; use benchmark/borel_belief_probe.py")
-    vae, _, _ = borel.make_nets(fam, args, fam.episodes_per_task, "cpu")
-    vae.load_state_dict(st["vae"])
-    return vae, fam, args, st["vae_step"]
+    return vae, fam, args, vae_step
 
 
 def main():
