@@ -30,6 +30,12 @@ Deviations:
   true terminations are used in the target (the official buffers store 0 always; none of the families benchmarked
   here terminates). The OOD behaviour policies are the collector's final per-task policies (the official test uses
   10 intermediate checkpoints of other tasks' collectors), plus a uniform random policy.
+- ``--normalize-inputs`` (off by default; the official code normalises nothing): E1 reads s and s' standardised per
+  dimension by the training tasks' data. On HalfCheetahVel the raw 20-d observation is dominated by the torso's
+  absolute x, which grows through an episode; the positive (another transition of the task) then differs from the
+  query mostly in x while the negatives share it, and InfoNCE collapses every z to one point within a few thousand
+  updates (loss at ln(1 + N)) with every negative type. Standardised, the paper's CVAE negatives do not collapse and
+  the SAC stage learns the task (README); reward-noise negatives still collapse at the official width 64.
 - CVAE: batches drawn with replacement for ``cvae_epochs`` passes' worth of steps (official: shuffled epochs).
 - Vectorised: Q1/Q2 as one 2-member batched network (their losses have disjoint parameters, so one backward equals
   the official two), all sampled tasks' contexts encoded in one E1 pass; evaluation encodes every (task, draw)
@@ -123,6 +129,10 @@ class Args:
     query task's reward, so that neither the states nor the "realness" of a reward identify the task"""
     encoder_steps: int = 200_000
     """InfoNCE updates of the transition encoder (stage 2; official 1000 x 200)"""
+    normalize_inputs: bool = False
+    """a deviation (off as the paper): standardise the transition encoder's s and s' per dimension by the training
+    tasks' data (mean / std). The cheetah's 20-d observation mixes the torso's absolute x with small joint angles,
+    and without it InfoNCE collapses to ln(1 + N) on HalfCheetahVel with every negative type (README)"""
     encoder_lr: float = 3e-4
     """Adam lr of the transition encoder (stage 2) and of the aggregator (stage 3)"""
     cvae_hidden: int | None = None
@@ -235,13 +245,20 @@ class Mlp(nn.Module):
 
 
 class TransitionEncoder(nn.Module):
-    """E1: (s, a, r, s') -> unit vector z_x (2 hidden layers)."""
+    """E1: (s, a, r, s') -> unit vector z_x (2 hidden layers). ``obs_mean`` / ``obs_std`` (buffers, saved with the
+    weights) standardise s and s' on the way in; they stay 0 / 1 (no change) unless --normalize-inputs sets them."""
 
-    def __init__(self, in_dim, hidden, latent_dim):
+    def __init__(self, obs_dim, act_dim, hidden, latent_dim):
         super().__init__()
-        self.mlp = Mlp(in_dim, hidden, latent_dim, 2)
+        self.obs_dim = obs_dim
+        self.mlp = Mlp(2 * obs_dim + act_dim + 1, hidden, latent_dim, 2)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
 
     def forward(self, x):
+        d = self.obs_dim
+        s, a_r, s2 = x[..., :d], x[..., d:-d], x[..., -d:]
+        x = torch.cat([(s - self.obs_mean) / self.obs_std, a_r, (s2 - self.obs_mean) / self.obs_std], -1)
         return F.normalize(self.mlp(x), dim=-1)
 
 
@@ -402,6 +419,7 @@ class TaskData:
             lens.append(np.diff(np.append(first, counts[i])))
         self.data = {k: torch.as_tensor(ds[k][rows], dtype=torch.float32, device=device) for k in self.KEYS}
         self.counts = torch.as_tensor(counts, device=device)
+        self.valid = torch.arange(counts.max(), device=device)[None] < self.counts[:, None]  # real rows, not padding
         n_eps = max(len(s) for s in starts)
         self.ep_start = torch.as_tensor(np.stack([np.pad(s, (0, n_eps - len(s))) for s in starts]), device=device)
         self.ep_len = torch.as_tensor(np.stack([np.pad(n, (0, n_eps - len(n))) for n in lens]), device=device)
@@ -693,13 +711,14 @@ def variant_name(args: Args) -> str:
     """The method label of summary.json: corro plus the flags that change what is learned."""
     tags = {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives]
     for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.cvae_include_test_tasks, "-leak"),
+                    (args.normalize_inputs, "-norm"),
                     (args.cql_weight > 0, "-cql"), (args.cql_target_gap is not None, "gap")):
         tags += tag if on else ""
     return "corro" + tags
 
 
 def make_nets(obs_dim, act_dim, args, device):
-    nets = {"e1": TransitionEncoder(2 * obs_dim + act_dim + 1, args.encoder_hidden, args.latent_dim),
+    nets = {"e1": TransitionEncoder(obs_dim, act_dim, args.encoder_hidden, args.latent_dim),
             "e2": AttentionAggregator(args.latent_dim),
             "cvae": CVAE(obs_dim, act_dim, args.cvae_hidden, args.cvae_latent),
             "qf": TwinQ(obs_dim + args.latent_dim + act_dim, args.hidden),
@@ -766,6 +785,11 @@ def main(args: Args):
             "train_time": train_time, "history": history, "wall_time": wall_before + time.time() - t_start,
             "nets": {k: n.state_dict() for k, n in nets.items()}, "opts": {k: o.state_dict() for k, o in opts.items()},
             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+
+    if args.normalize_inputs and stage == "cvae":  # fixed before any training; restored with E1 on --resume
+        obs = data["train"].data["obs"][data["train"].valid]
+        nets["e1"].obs_mean.copy_(obs.mean(0))
+        nets["e1"].obs_std.copy_(obs.std(0).clamp_min(1e-6))
 
     # ALGO LOGIC: stage 1, the CVAE negatives generator (training tasks only unless the leak is asked for)
     if stage == "cvae":
@@ -841,7 +865,7 @@ def main(args: Args):
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,
                   extra={"probe_r2": res["probe_r2"], "encoder": history[0] if history else None, "final": last,
                          "train_time_s": train_time, "best_iid_test": max((h.get("iid", -1e9) for h in history), default=None),
-                         "settings": {k: getattr(args, k) for k in ("negatives", "encoder_steps", "cvae_epochs", "hidden",
+                         "settings": {k: getattr(args, k) for k in ("negatives", "normalize_inputs", "encoder_steps", "cvae_epochs", "hidden",
                                                                      "latent_dim", "meta_batch", "batch_size", "eval_draws")}})
     logger.close()
     print(f"done: {step} SAC updates, {ups:.1f} updates/s, summary in {run_dir}/summary.json", flush=True)

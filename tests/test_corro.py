@@ -319,3 +319,39 @@ def test_cql_lagrange_weight_rises_above_the_target_gap_and_falls_below_it():
     assert "cql_w" not in nets and "cql_w" not in opts
     with pytest.raises(SystemExit, match="--cql-target-gap needs --cql-weight"):
         tiny_args(cql_target_gap=0.5)
+
+
+def test_normalized_inputs_standardise_s_and_s_prime_by_the_train_rows_and_survive_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    e1 = corro.TransitionEncoder(obs_dim=3, act_dim=2, hidden=16, latent_dim=4)
+    x = torch.randn(7, 3 + 2 + 1 + 3) * 5
+    plain = e1(x)  # unset statistics (0 / 1) leave the input as it is
+    assert torch.allclose(plain, F_normalize(e1.mlp(x)))
+    mean, std = torch.tensor([10.0, -2.0, 0.5]), torch.tensor([4.0, 0.1, 2.0])
+    e1.obs_mean.copy_(mean)
+    e1.obs_std.copy_(std)
+    by_hand = torch.cat([(x[:, :3] - mean) / std, x[:, 3:6], (x[:, 6:] - mean) / std], 1)  # a and r untouched
+    assert torch.allclose(e1(x), F_normalize(e1.mlp(by_hand)), atol=1e-6)
+    assert not torch.allclose(e1(x), plain)
+    e2 = corro.TransitionEncoder(obs_dim=3, act_dim=2, hidden=16, latent_dim=4)
+    e2.load_state_dict(e1.state_dict())  # the statistics are buffers: they travel with the weights
+    assert torch.equal(e2(x), e1(x))
+    # in main: the mean / std of the real (unpadded) rows of the train tasks, fixed before the CVAE and InfoNCE stages
+    kw = dict(cuda=False, hidden=16, encoder_hidden=16, cvae_hidden=16, cvae_epochs=0.02, encoder_steps=20,
+              meta_batch=4, batch_size=32, eval_every=10, print_every=1000, log_every=10, eval_draws=1,
+              n_train_eval_tasks=2, total_steps=0, normalize_inputs=True, run_dir=str(tmp_path / "norm"))
+    corro.main(corro.Args(**kw))
+    state = torch.load(tmp_path / "norm" / "checkpoint.pt", weights_only=False)
+    from common.data import ensure_dataset
+    from common.envs import make_family
+    fam = make_family("PointRobot", "default")
+    ds = ensure_dataset("PointRobot", "default", family=fam)
+    rows = np.concatenate([np.arange(ds.task_ptr[t], ds.task_ptr[t + 1]) for t in fam.train_idx])
+    obs = torch.as_tensor(ds["obs"][rows], dtype=torch.float32)
+    assert torch.allclose(state["nets"]["e1"]["obs_mean"], obs.mean(0), atol=1e-5)
+    assert torch.allclose(state["nets"]["e1"]["obs_std"], obs.std(0), atol=1e-5)
+    assert json.loads((tmp_path / "norm" / "summary.json").read_text())["method"] == "corro-norm"
+
+
+def F_normalize(v):
+    return torch.nn.functional.normalize(v, dim=-1)
