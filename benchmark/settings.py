@@ -348,13 +348,14 @@ SETTINGS: dict[tuple[str, str], dict] = {
     ("corro-norm", "HalfCheetahVel"): {
         "script": "corro",
         "preset": "cpu",
-        "args": ["--negatives", "cvae", "--normalize-inputs", "--cvae-epochs", "2", "--encoder-steps", "20000",
+        "args": ["--negatives", "cvae", "--normalize-inputs", "--cvae-epochs", "20", "--encoder-steps", "20000",
                  "--batch-size", "64", "--eval-every", "5000", "--no-cuda"],
         "steps": 30_000,
         "note": "CORRO with the paper's CVAE negatives (fitted on the 20 train tasks) and the encoder's s, s' "
-                "standardised (--normalize-inputs; without it InfoNCE collapses on this data): CVAE 2 of 100 epochs "
-                "(10k updates), 20k of 200k InfoNCE updates, SAC 256x2 on 16 tasks x 64 rows (official 256) for 30k "
-                "of 200k updates; ~40 min on one shared core",
+                "standardised (--normalize-inputs; without it InfoNCE collapses on this data): CVAE 20 of 100 epochs "
+                "(100k updates; with 2 epochs one seed in three got a weak encoder, README), 20k of 200k InfoNCE "
+                "updates, SAC 256x2 on 16 tasks x 64 rows (official 256) for 30k of 200k updates; ~40 min on one "
+                "shared core",
     },
     ("mql", "HalfCheetahVel"): {
         "preset": "cpu",
