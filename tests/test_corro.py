@@ -351,6 +351,8 @@ def test_normalized_inputs_standardise_s_and_s_prime_by_the_train_rows_and_survi
     assert torch.allclose(state["nets"]["e1"]["obs_mean"], obs.mean(0), atol=1e-5)
     assert torch.allclose(state["nets"]["e1"]["obs_std"], obs.std(0), atol=1e-5)
     assert json.loads((tmp_path / "norm" / "summary.json").read_text())["method"] == "corro-norm"
+    with pytest.raises(ValueError, match="normalize_inputs"):  # resuming without the flag would drop the statistics
+        corro.main(corro.Args(**(kw | dict(normalize_inputs=False, resume=True, total_steps=10))))
 
 
 def F_normalize(v):
