@@ -762,14 +762,13 @@ def main(args: Args):
     ckpt_path = Path(run_dir) / "checkpoint.pt"
     meta = {"method": "corro", "env_id": args.env_id, "preset": args.preset, "seed": args.seed, "obs_dim": family.obs_dim,
             "act_dim": family.act_dim, "latent_dim": args.latent_dim, "hidden": args.hidden, "negatives": args.negatives}
-    saved_meta = meta | {"normalize_inputs": args.normalize_inputs}
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
-        # E1 of checkpoints written before --normalize-inputs has no statistics: the identity ones
+        # E1's statistics say whether the run standardised its inputs (checkpoints written before
+        # --normalize-inputs have none: the identity ones)
         e1_state = {"obs_mean": nets["e1"].obs_mean, "obs_std": nets["e1"].obs_std} | state["nets"]["e1"]
         state["nets"]["e1"] = e1_state
-        was_normalized = state["meta"].get("normalize_inputs",  # older checkpoints: read it off the statistics
-                                           bool(e1_state["obs_mean"].any() or (e1_state["obs_std"] != 1).any()))
+        was_normalized = bool(e1_state["obs_mean"].any() or (e1_state["obs_std"] != 1).any())
         if was_normalized != args.normalize_inputs:
             raise ValueError(f"{ckpt_path}: incompatible checkpoint: built with normalize_inputs={was_normalized}, "
                              f"this run has normalize_inputs={args.normalize_inputs}")
@@ -790,18 +789,17 @@ def main(args: Args):
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
-            "meta": saved_meta, "args": vars(args), "stage": stage, "step": step, "enc_step": enc_step,
+            "meta": meta, "args": vars(args), "stage": stage, "step": step, "enc_step": enc_step,
             "train_time": train_time, "history": history, "wall_time": wall_before + time.time() - t_start,
             "nets": {k: n.state_dict() for k, n in nets.items()}, "opts": {k: o.state_dict() for k, o in opts.items()},
             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
 
-    if args.normalize_inputs and stage == "cvae":  # fixed before any training; restored with E1 on --resume
-        obs = data["train"].data["obs"][data["train"].valid]
-        nets["e1"].obs_mean.copy_(obs.mean(0))
-        nets["e1"].obs_std.copy_(obs.std(0).clamp_min(1e-6))
-
     # ALGO LOGIC: stage 1, the CVAE negatives generator (training tasks only unless the leak is asked for)
     if stage == "cvae":
+        if args.normalize_inputs:  # E1's statistics, fixed before any training (restored with E1 on --resume)
+            obs = data["train"].data["obs"][data["train"].valid]
+            nets["e1"].obs_mean.copy_(obs.mean(0))
+            nets["e1"].obs_std.copy_(obs.std(0).clamp_min(1e-6))
         if args.negatives == "cvae":
             cvae_data = data["train"] if not args.cvae_include_test_tasks else TaskData(ds, cvae_ids, device)
             fit_cvae(nets["cvae"], cvae_data, args, gen, logger)

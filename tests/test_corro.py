@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import corro
-from common.data import Dataset
+from common.data import Dataset, ensure_dataset
+from common.envs import make_family
 
 
 def tiny_args(**kw):
@@ -326,12 +328,12 @@ def test_normalized_inputs_standardise_s_and_s_prime_by_the_train_rows_and_survi
     e1 = corro.TransitionEncoder(obs_dim=3, act_dim=2, hidden=16, latent_dim=4)
     x = torch.randn(7, 3 + 2 + 1 + 3) * 5
     plain = e1(x)  # unset statistics (0 / 1) leave the input as it is
-    assert torch.allclose(plain, F_normalize(e1.mlp(x)))
+    assert torch.allclose(plain, F.normalize(e1.mlp(x), dim=-1))
     mean, std = torch.tensor([10.0, -2.0, 0.5]), torch.tensor([4.0, 0.1, 2.0])
     e1.obs_mean.copy_(mean)
     e1.obs_std.copy_(std)
     by_hand = torch.cat([(x[:, :3] - mean) / std, x[:, 3:6], (x[:, 6:] - mean) / std], 1)  # a and r untouched
-    assert torch.allclose(e1(x), F_normalize(e1.mlp(by_hand)), atol=1e-6)
+    assert torch.allclose(e1(x), F.normalize(e1.mlp(by_hand), dim=-1), atol=1e-6)
     assert not torch.allclose(e1(x), plain)
     e2 = corro.TransitionEncoder(obs_dim=3, act_dim=2, hidden=16, latent_dim=4)
     e2.load_state_dict(e1.state_dict())  # the statistics are buffers: they travel with the weights
@@ -342,8 +344,6 @@ def test_normalized_inputs_standardise_s_and_s_prime_by_the_train_rows_and_survi
               n_train_eval_tasks=2, total_steps=0, normalize_inputs=True, run_dir=str(tmp_path / "norm"))
     corro.main(corro.Args(**kw))
     state = torch.load(tmp_path / "norm" / "checkpoint.pt", weights_only=False)
-    from common.data import ensure_dataset
-    from common.envs import make_family
     fam = make_family("PointRobot", "default")
     ds = ensure_dataset("PointRobot", "default", family=fam)
     rows = np.concatenate([np.arange(ds.task_ptr[t], ds.task_ptr[t + 1]) for t in fam.train_idx])
@@ -353,7 +353,3 @@ def test_normalized_inputs_standardise_s_and_s_prime_by_the_train_rows_and_survi
     assert json.loads((tmp_path / "norm" / "summary.json").read_text())["method"] == "corro-norm"
     with pytest.raises(ValueError, match="normalize_inputs"):  # resuming without the flag would drop the statistics
         corro.main(corro.Args(**(kw | dict(normalize_inputs=False, resume=True, total_steps=10))))
-
-
-def F_normalize(v):
-    return torch.nn.functional.normalize(v, dim=-1)
