@@ -53,7 +53,9 @@ Deviations:
   ``--relabel-queries`` removes the shortcut (queries and positives are pooled train transitions carrying the query
   task's reward); ``--context-relabel F`` lets a share F of the aggregator's training contexts be other tasks'
   episodes with the context task's rewards (as PEARL's ``--context-relabel``), for robustness to the context's
-  behaviour policy.
+  behaviour policy. ``--rl-relabel F`` does the same for the SAC batches: a share F of each task's RL rows are
+  other train tasks' transitions with the batch task's rewards, so a task's critic and policy also learn on the
+  states its own collector never visited (families without terminal states).
 - ``--cql-weight W`` (off by default, as the paper) adds CQL(H) to each critic loss. The official SAC has a
   ``use_cql`` path that no config turns on and that cannot run as written (it takes the log of a mean of
   Q / density, not of exp Q, so negative Q values give NaN); the term here is the CQL paper's, with n uniform
@@ -179,6 +181,10 @@ class Args:
     context_relabel: float = 0.0
     """a deviation (numpy families): share of the training contexts that are an episode of a random train task's
     data with the rewards of the context's task, so the aggregator also learns from other behaviours' episodes"""
+    rl_relabel: float = 0.0
+    """a deviation (numpy families without terminal states): share of each task's RL rows that are transitions of
+    random train tasks with the rewards of the batch's task, so the critic and the policy of a task also see the
+    states that its own collector never visited"""
 
     # evaluation and logging
     eval_draws: int = 3
@@ -457,6 +463,21 @@ def relabel_contexts(ctx, mask, tasks, data: TaskData, family, share: float, gen
             torch.where(pick[:, None], other_mask, mask))
 
 
+def relabel_rl_batch(batch, tasks, data: TaskData, family, share: float, gen):
+    """Replace a share of each task's RL rows (batch fields (T, B, ...)) by transitions of random train tasks,
+    relabelled with the rewards of the row's task (``tasks``: rows of ``data``)."""
+    T, B = batch["rewards"].shape
+    dev = tasks.device
+    src = torch.randint(len(data.task_ids), (T * B,), generator=gen, device=dev)
+    other = {k: v.reshape(T, B, *v.shape[2:]) for k, v in data.rows(src, 1, gen).items()}
+    task_ids = np.broadcast_to(data.task_ids[tasks.cpu().numpy()][:, None], (T, B))
+    other["rewards"] = torch.as_tensor(relabel_rewards(family, task_ids, other["obs"].cpu().numpy(),
+                                                       other["actions"].cpu().numpy(), other["next_obs"].cpu().numpy())[0],
+                                       device=dev)
+    pick = torch.rand(T, B, device=dev, generator=gen) < share
+    return {k: torch.where(pick.view(T, B, *[1] * (v.dim() - 2)), other[k], v) for k, v in batch.items()}
+
+
 def context_z(e1, e2, batch, mask):
     """z of each context: E2 over E1 of its transitions, batch (tasks, K, .) -> (tasks, d)."""
     z_i = e1(transition_features(batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"]))
@@ -710,7 +731,8 @@ def evaluate(step, nets, data, family, ds, behaviours, args, device, logger):
 def variant_name(args: Args) -> str:
     """The method label of summary.json: corro plus the flags that change what is learned."""
     tags = {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives]
-    for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.cvae_include_test_tasks, "-leak"),
+    for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.rl_relabel > 0, "-rlrel"),
+                    (args.cvae_include_test_tasks, "-leak"),
                     (args.normalize_inputs, "-norm"),
                     (args.cql_weight > 0, "-cql"), (args.cql_target_gap is not None, "gap")):
         tags += tag if on else ""
@@ -742,9 +764,9 @@ def main(args: Args):
     if family.discrete:
         raise SystemExit(f"corro.py supports continuous actions only; {args.env_id} is discrete")
     # the relabelling options need the family's reward as a function of (s, a, s')
-    if (args.negatives == "relabel" or args.relabel_queries or args.context_relabel > 0) \
+    if (args.negatives == "relabel" or args.relabel_queries or args.context_relabel > 0 or args.rl_relabel > 0) \
             and (why := relabel_unsupported(family)):
-        raise SystemExit(f"--negatives relabel / --relabel-queries / --context-relabel: {why}")
+        raise SystemExit(f"--negatives relabel / --relabel-queries / --context-relabel / --rl-relabel: {why}")
     run_dir = make_run_dir(args.env_id, "corro", args.seed, args.run_dir)
     check_fresh_run_dir(run_dir, args.resume)
     seed_everything(args.seed)
@@ -755,6 +777,9 @@ def main(args: Args):
     ds = ensure_dataset(args.env_id, args.preset, path=args.dataset, family=family)
     data = {"train": TaskData(ds, family.train_idx, device), "test": TaskData(ds, family.test_idx, device)}
     cvae_ids = np.union1d(family.train_idx, family.test_idx) if args.cvae_include_test_tasks else family.train_idx
+    if args.rl_relabel > 0 and bool(ds.arrays["terminals"].any()):
+        raise SystemExit(f"--rl-relabel needs a family without terminal states; the {args.env_id} data has terminals, "
+                         "which belong to the task that collected them")
     behaviours = behaviour_policies(ds.path, family)
     nets, opts = make_nets(family.obs_dim, family.act_dim, args, device)
 
@@ -840,6 +865,8 @@ def main(args: Args):
         for _ in range(n_block):
             tasks = train_rows[torch.randint(len(train_rows), (args.meta_batch,), device=device, generator=gen)]
             batch = data["train"].rows(tasks, args.batch_size, gen)
+            if args.rl_relabel > 0:  # deviation: part of each task's RL rows are other tasks' states, this task's rewards
+                batch = relabel_rl_batch(batch, tasks, data["train"], family, args.rl_relabel, gen)
             ctx, mask = data["train"].episodes(tasks, gen)  # one context episode per sampled task (duplicates differ)
             if args.context_relabel > 0:  # deviation: some contexts are other tasks' episodes with this task's rewards
                 ctx, mask = relabel_contexts(ctx, mask, tasks, data["train"], family, args.context_relabel, gen)
@@ -872,7 +899,8 @@ def main(args: Args):
                   machine=machine_info(device), dataset=str(ds.path), eval=modes,
                   extra={"probe_r2": res["probe_r2"], "encoder": history[0] if history else None, "final": last,
                          "train_time_s": train_time, "best_iid_test": max((h.get("iid", -1e9) for h in history), default=None),
-                         "settings": {k: getattr(args, k) for k in ("negatives", "normalize_inputs", "encoder_steps", "cvae_epochs", "hidden",
+                         "settings": {k: getattr(args, k) for k in ("negatives", "normalize_inputs", "relabel_queries", "context_relabel",
+                                                                     "rl_relabel", "encoder_steps", "cvae_epochs", "hidden",
                                                                      "latent_dim", "meta_batch", "batch_size", "eval_draws")}})
     logger.close()
     print(f"done: {step} SAC updates, {ups:.1f} updates/s, summary in {run_dir}/summary.json", flush=True)

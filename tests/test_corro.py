@@ -249,6 +249,30 @@ def test_relabelled_contexts_are_other_episodes_with_the_context_tasks_rewards()
     assert all(torch.equal(same[k], ctx[k]) for k in ctx)
 
 
+def test_relabelled_rl_rows_are_other_tasks_transitions_with_the_batch_tasks_rewards():
+    from common.data import ensure_dataset
+    from common.envs import make_family, relabel_rewards
+    fam = make_family("PointRobot")
+    data = corro.TaskData(ensure_dataset("PointRobot", "default"), fam.train_idx, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    tasks = torch.tensor([0, 3, 3, 7])
+    batch = data.rows(tasks, 512, gen)
+    new = corro.relabel_rl_batch(batch, tasks, data, fam, 0.5, gen)
+    moved = (new["obs"] != batch["obs"]).any(-1)
+    assert 0.4 < moved.float().mean() < 0.6  # about the asked share of rows is replaced, per task
+    # every row (kept or replaced) carries the reward of its batch task for its (s, a, s')
+    r = relabel_rewards(fam, np.repeat(data.task_ids[tasks.numpy()][:, None], 512, 1), new["obs"].numpy(),
+                        new["actions"].numpy(), new["next_obs"].numpy())[0]
+    np.testing.assert_allclose(new["rewards"].numpy(), r, atol=1e-6)
+    # replaced rows come from many tasks' data: far from the batch task's goal more often than its own rows
+    goals = torch.as_tensor(fam.tasks[data.task_ids[tasks.numpy()]])[:, None]
+    dist = (new["next_obs"] - goals).norm(dim=-1)
+    assert dist[moved].median() > dist[~moved].median() + 0.2
+    same = corro.relabel_rl_batch(batch, tasks, data, fam, 0.0, gen)
+    assert all(torch.equal(same[k], batch[k]) for k in batch)
+    assert corro.variant_name(corro.Args(negatives="relabel", relabel_queries=True, rl_relabel=0.5)) == "corro-relabel-rq-rlrel"
+
+
 def test_cql_penalty_matches_its_importance_sampled_formula_and_pushes_unseen_actions_down():
     torch.manual_seed(0)
     args = tiny_args()
