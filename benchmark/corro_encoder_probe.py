@@ -39,7 +39,7 @@ def main(args: corro.Args, steps: tuple[int, ...] = (2000, 5000, 20000), episode
     train, test = corro.TaskData(ds, fam.train_idx, "cpu"), corro.TaskData(ds, fam.test_idx, "cpu")
     nets, opts = corro.make_nets(fam.obs_dim, fam.act_dim, args, "cpu")
     if args.negatives == "cvae":
-        raise SystemExit("corro_encoder_probe.py does not fit the CVAE; use --args.negatives relabel / reward-noise / random")
+        raise SystemExit("corro_encoder_probe.py does not fit the CVAE; use --args.negatives relabel, reward_noise or random")
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.RandomState(0)
     random_policy = corro.behaviour_policies(ds.path, fam)["random"]
