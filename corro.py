@@ -449,15 +449,20 @@ class TaskData:
         return {k: v[task_rows[:, None], idx] for k, v in self.data.items()}, mask
 
 
+def rewards_in(family, task_ids, obs, act, nobs):
+    """The rewards that transitions (s, a, s') earn in tasks ``task_ids`` (numpy, broadcast against the leading dims):
+    ``common.envs.relabel_rewards`` on the tensors, returned on their device."""
+    r = relabel_rewards(family, task_ids, obs.cpu().numpy(), act.cpu().numpy(), nobs.cpu().numpy())[0]
+    return torch.as_tensor(r, device=obs.device)
+
+
 def relabel_contexts(ctx, mask, tasks, data: TaskData, family, share: float, gen):
     """Replace a share of the context episodes by an episode of a random train task, relabelled with the rewards of
     the context's own task (``tasks``: rows of ``data``)."""
     dev = tasks.device
     other, other_mask = data.episodes(torch.randint(len(data.task_ids), (len(tasks),), generator=gen, device=dev), gen)
     task_ids = np.broadcast_to(data.task_ids[tasks.cpu().numpy()][:, None], other["rewards"].shape)
-    other["rewards"] = torch.as_tensor(relabel_rewards(family, task_ids, other["obs"].cpu().numpy(),
-                                                       other["actions"].cpu().numpy(), other["next_obs"].cpu().numpy())[0],
-                                       device=dev)
+    other["rewards"] = rewards_in(family, task_ids, other["obs"], other["actions"], other["next_obs"])
     pick = torch.rand(len(tasks), device=dev, generator=gen) < share
     return ({k: torch.where(pick.view(-1, *[1] * (v.dim() - 1)), other[k], v) for k, v in ctx.items()},
             torch.where(pick[:, None], other_mask, mask))
@@ -471,9 +476,7 @@ def relabel_rl_batch(batch, tasks, data: TaskData, family, share: float, gen):
     src = torch.randint(len(data.task_ids), (T * B,), generator=gen, device=dev)
     other = {k: v.reshape(T, B, *v.shape[2:]) for k, v in data.rows(src, 1, gen).items()}
     task_ids = np.broadcast_to(data.task_ids[tasks.cpu().numpy()][:, None], (T, B))
-    other["rewards"] = torch.as_tensor(relabel_rewards(family, task_ids, other["obs"].cpu().numpy(),
-                                                       other["actions"].cpu().numpy(), other["next_obs"].cpu().numpy())[0],
-                                       device=dev)
+    other["rewards"] = rewards_in(family, task_ids, other["obs"], other["actions"], other["next_obs"])
     pick = torch.rand(T, B, device=dev, generator=gen) < share
     return {k: torch.where(pick.view(T, B, *[1] * (v.dim() - 2)), other[k], v) for k, v in batch.items()}
 
@@ -527,8 +530,7 @@ def negatives(q: dict, args, cvae, data: TaskData, gen, family=None):
     elif args.negatives == "relabel":  # the same transition in random train tasks (shared dynamics), their rewards
         nobs = q["next_obs"][:, None].expand(-1, N, -1)
         task = data.task_ids[torch.randint(len(data.task_ids), (B, N), generator=gen, device=obs.device).cpu().numpy()]
-        rew = torch.as_tensor(relabel_rewards(family, task, obs.cpu().numpy(), act.cpu().numpy(), nobs.cpu().numpy())[0],
-                              device=obs.device)
+        rew = rewards_in(family, task, obs, act, nobs)
     else:  # reward_noise: r + N(0, std^2), same s'
         nobs = q["next_obs"][:, None].expand(-1, N, -1)
         rew = q["rewards"][:, None] + args.reward_std * torch.randn(B, N, generator=gen, device=obs.device)
@@ -545,9 +547,7 @@ def contrastive_pairs(data: TaskData, args, gen, family=None):
         src = torch.randint(len(data.task_ids), (args.infonce_batch * 2,), generator=gen, device=dev)
         both = {k: v.reshape(args.infonce_batch, 2, *v.shape[2:]) for k, v in data.rows(src, 1, gen).items()}
         task_ids = np.repeat(data.task_ids[tasks.cpu().numpy()][:, None], 2, 1)
-        both["rewards"] = torch.as_tensor(relabel_rewards(family, task_ids, both["obs"].cpu().numpy(),
-                                                          both["actions"].cpu().numpy(), both["next_obs"].cpu().numpy())[0],
-                                          device=dev)
+        both["rewards"] = rewards_in(family, task_ids, both["obs"], both["actions"], both["next_obs"])
     else:
         both = data.rows(tasks, 2, gen)  # (B, 2, .): column 0 query, column 1 key
     return tasks, {k: v[:, 0] for k, v in both.items()}, {k: v[:, 1] for k, v in both.items()}

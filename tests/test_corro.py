@@ -250,8 +250,7 @@ def test_relabelled_contexts_are_other_episodes_with_the_context_tasks_rewards()
 
 
 def test_relabelled_rl_rows_are_other_tasks_transitions_with_the_batch_tasks_rewards():
-    from common.data import ensure_dataset
-    from common.envs import make_family, relabel_rewards
+    from common.envs import relabel_rewards
     fam = make_family("PointRobot")
     data = corro.TaskData(ensure_dataset("PointRobot", "default"), fam.train_idx, "cpu")
     gen = torch.Generator().manual_seed(0)
