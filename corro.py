@@ -185,6 +185,9 @@ class Args:
     """a deviation (numpy families without terminal states): share of each task's RL rows that are transitions of
     random train tasks with the rewards of the batch's task, so the critic and the policy of a task also see the
     states that its own collector never visited"""
+    oracle_z: bool = False
+    """diagnostic, not CORRO: z is the true task parameter (zero-padded to --latent-dim) in training and evaluation,
+    E1 and E2 unused; the SAC stage's ceiling with a perfect task representation"""
 
     # evaluation and logging
     eval_draws: int = 3
@@ -487,6 +490,12 @@ def context_z(e1, e2, batch, mask):
     return e2(z_i, mask)
 
 
+def oracle_z(family, task_ids, latent_dim: int, device):
+    """--oracle-z: each task's true parameter as z, zero-padded (or cut) to latent_dim: (len(task_ids), latent_dim)."""
+    p = torch.as_tensor(np.asarray(family.tasks, dtype=np.float32)[np.asarray(task_ids)].reshape(len(task_ids), -1))
+    return F.pad(p, (0, max(0, latent_dim - p.shape[1])))[:, :latent_dim].to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1: CVAE; stage 2: InfoNCE pre-training of the transition encoder
 # ---------------------------------------------------------------------------------------------
@@ -570,13 +579,15 @@ def encoder_update(e1, opt, data: TaskData, cvae, args, gen, family=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def sac_update(nets, opts, batch, ctx, ctx_mask, args, gen):
+def sac_update(nets, opts, batch, ctx, ctx_mask, args, gen, z_task=None):
     """batch: (T, B, .) RL transitions; ctx: one context episode per task (T, K, .). Order as the official code:
-    critic (+ E2) step, Polyak, actor step on the updated critics with z detached."""
+    critic (+ E2) step, Polyak, actor step on the updated critics with z detached. z_task (T, d): --oracle-z's z."""
     e1, e2, qf, qf_targ, pi = nets["e1"], nets["e2"], nets["qf"], nets["qf_targ"], nets["pi"]
-    with torch.no_grad():
-        z_i = e1(transition_features(ctx["obs"], ctx["actions"], ctx["rewards"], ctx["next_obs"]))  # E1 frozen
-    z = e2(z_i, ctx_mask)[:, None].expand(-1, batch["obs"].shape[1], -1)  # (T, B, d)
+    if z_task is None:
+        with torch.no_grad():
+            z_i = e1(transition_features(ctx["obs"], ctx["actions"], ctx["rewards"], ctx["next_obs"]))  # E1 frozen
+        z_task = e2(z_i, ctx_mask)
+    z = z_task[:, None].expand(-1, batch["obs"].shape[1], -1)  # (T, B, d)
     s_z = torch.cat([batch["obs"], z], -1)
     with torch.no_grad():
         ns_z = torch.cat([batch["next_obs"], z], -1)
@@ -713,7 +724,8 @@ def evaluate(step, nets, data, family, ds, behaviours, args, device, logger):
                 contexts["ood_" + name] = collect_context(family, ids, D, lambda o: beh(o, rng), device, seed + 1)
         for name, (b, m) in contexts.items():
             with torch.no_grad():
-                z = context_z(nets["e1"], nets["e2"], b, m)
+                z = oracle_z(family, np.repeat(ids, D), args.latent_dim, device) if args.oracle_z \
+                    else context_z(nets["e1"], nets["e2"], b, m)
             ret, succ = rollout_with_z(nets["pi"], family, ids, z, D, device, seed + 3)
             logger.log_eval(step, name, split, ids, ret, succ > 0.5)
             res[(name, split)] = ret
@@ -732,11 +744,18 @@ def variant_name(args: Args) -> str:
     """The method label of summary.json: corro plus the flags that change what is learned."""
     tags = {"cvae": "", "reward_noise": "-rewnoise", "relabel": "-relabel", "random": "-randneg"}[args.negatives]
     for on, tag in ((args.relabel_queries, "-rq"), (args.context_relabel > 0, "-ctxrel"), (args.rl_relabel > 0, "-rlrel"),
+                    (args.oracle_z, "-oraclez"),
                     (args.cvae_include_test_tasks, "-leak"),
                     (args.normalize_inputs, "-norm"),
                     (args.cql_weight > 0, "-cql"), (args.cql_target_gap is not None, "gap")):
         tags += tag if on else ""
     return "corro" + tags
+
+
+# Flags a --resume may not change: they decide what the encoder and SAC stages learn (lengths and logging may change).
+RESUME_FIXED = ("n_negatives", "infonce_batch", "temperature", "reward_std", "relabel_queries", "encoder_hidden",
+                "meta_batch", "batch_size", "gamma", "tau", "alpha", "cql_weight", "cql_samples", "cql_target_gap",
+                "context_relabel", "rl_relabel", "oracle_z")
 
 
 def make_nets(obs_dim, act_dim, args, device):
@@ -797,6 +816,13 @@ def main(args: Args):
         if was_normalized != args.normalize_inputs:
             raise ValueError(f"{ckpt_path}: incompatible checkpoint: built with normalize_inputs={was_normalized}, "
                              f"this run has normalize_inputs={args.normalize_inputs}")
+        # flags that change what the remaining stages learn must match the checkpoint's run (older checkpoints
+        # predate some flags: they ran with the flag's default)
+        base = Args()
+        bad = [f"{k}={state['args'].get(k, getattr(base, k))!r} in the checkpoint, {getattr(args, k)!r} here"
+               for k in RESUME_FIXED if state["args"].get(k, getattr(base, k)) != getattr(args, k)]
+        if bad:
+            raise ValueError(f"{ckpt_path}: incompatible checkpoint: " + "; ".join(bad))
         for k, n in nets.items():
             n.load_state_dict(state["nets"][k])
         for k, o in opts.items():
@@ -870,7 +896,9 @@ def main(args: Args):
             ctx, mask = data["train"].episodes(tasks, gen)  # one context episode per sampled task (duplicates differ)
             if args.context_relabel > 0:  # deviation: some contexts are other tasks' episodes with this task's rewards
                 ctx, mask = relabel_contexts(ctx, mask, tasks, data["train"], family, args.context_relabel, gen)
-            stats = sac_update(nets, opts, batch, ctx, mask, args, gen)
+            z_task = oracle_z(family, data["train"].task_ids[tasks.cpu().numpy()], args.latent_dim, device) \
+                if args.oracle_z else None
+            stats = sac_update(nets, opts, batch, ctx, mask, args, gen, z_task)
             step += 1
             if step % args.log_every == 0:
                 last = stats
@@ -900,7 +928,7 @@ def main(args: Args):
                   extra={"probe_r2": res["probe_r2"], "encoder": history[0] if history else None, "final": last,
                          "train_time_s": train_time, "best_iid_test": max((h.get("iid", -1e9) for h in history), default=None),
                          "settings": {k: getattr(args, k) for k in ("negatives", "normalize_inputs", "relabel_queries", "context_relabel",
-                                                                     "rl_relabel", "encoder_steps", "cvae_epochs", "hidden",
+                                                                     "rl_relabel", "oracle_z", "encoder_steps", "cvae_epochs", "hidden",
                                                                      "latent_dim", "meta_batch", "batch_size", "eval_draws")}})
     logger.close()
     print(f"done: {step} SAC updates, {ups:.1f} updates/s, summary in {run_dir}/summary.json", flush=True)

@@ -376,3 +376,24 @@ def test_normalized_inputs_standardise_s_and_s_prime_by_the_train_rows_and_survi
     assert json.loads((tmp_path / "norm" / "summary.json").read_text())["method"] == "corro-norm"
     with pytest.raises(ValueError, match="normalize_inputs"):  # resuming without the flag would drop the statistics
         corro.main(corro.Args(**(kw | dict(normalize_inputs=False, resume=True, total_steps=10))))
+
+
+def test_resume_refuses_a_changed_learning_flag_and_oracle_z_ignores_the_context(tmp_path):
+    kw = dict(cuda=False, hidden=16, encoder_hidden=16, negatives="relabel", relabel_queries=True, encoder_steps=20,
+              meta_batch=4, batch_size=32, eval_every=10, print_every=1000, log_every=10, eval_draws=1,
+              n_train_eval_tasks=2, run_dir=str(tmp_path / "r"))
+    corro.main(corro.Args(total_steps=10, **kw))
+    with pytest.raises(ValueError, match="rl_relabel=0.0 in the checkpoint, 0.5 here"):
+        corro.main(corro.Args(total_steps=20, resume=True, rl_relabel=0.5, **kw))
+    corro.main(corro.Args(total_steps=20, resume=True, **(kw | dict(eval_every=5))))  # lengths may change
+    fam = make_family("PointRobot", "default")
+    z = corro.oracle_z(fam, [3, 41], 5, "cpu")
+    assert z.shape == (2, 5) and torch.equal(z[:, 2:], torch.zeros(2, 3))
+    assert torch.allclose(z[:, :2], torch.as_tensor(fam.tasks[[3, 41]], dtype=torch.float32))
+    # with the true task as z every protocol acts alike: the context (offline, random or another task's) is unused
+    corro.main(corro.Args(total_steps=10, oracle_z=True, **(kw | dict(run_dir=str(tmp_path / "oz")))))
+    ev = json.loads((tmp_path / "oz" / "summary.json").read_text())["eval"]
+    assert ev["iid"]["test_per_task"] == pytest.approx(ev["ood_random"]["test_per_task"])
+    assert ev["iid"]["test_per_task"] == pytest.approx(ev["ood_other_task"]["test_per_task"])
+    iid = json.loads((tmp_path / "r" / "summary.json").read_text())["eval"]
+    assert iid["iid"]["test_per_task"] != pytest.approx(iid["ood_random"]["test_per_task"])
