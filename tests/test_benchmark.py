@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from benchmark import report, run
 from common import runs
@@ -209,3 +210,19 @@ def test_per_task_reads_the_last_or_chosen_evaluation_by_task_and_episode(tmp_pa
     per_task.main([str(run_dir)])
     out = capsys.readouterr().out
     assert "task  21 [0.75]" in out and "sum    -41.00" in out  # task 21 is the 0.75 m/s test velocity; mean of sums
+
+
+def test_goal_readability_exact_fit_recovers_the_goal_from_one_random_episode():
+    from benchmark import corro_goal_readability as cgr
+    from common.envs import make_family
+    import corro
+    fam = make_family("PointRobot")
+    rng = np.random.RandomState(0)
+    act = lambda obs: rng.uniform(-1, 1, (len(obs), 2)).astype(np.float32)
+    batch, mask = corro.collect_context(fam, fam.test_idx, 2, act, "cpu", 0)
+    arc = torch.linspace(0, np.pi, 1441)
+    goals = torch.as_tensor(fam.tasks[fam.test_idx], dtype=torch.float32).repeat_interleave(2, 0)
+    fit = cgr.exact_fit(batch, mask, torch.stack([arc.cos(), arc.sin()], 1))
+    assert (fit - goals).norm(dim=-1).max() < 0.005
+    batch["rewards"] = batch["rewards"].flip(0)  # another task's rewards point to another goal
+    assert (cgr.exact_fit(batch, mask, torch.stack([arc.cos(), arc.sin()], 1)) - goals).norm(dim=-1).max() > 0.5
