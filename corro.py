@@ -61,6 +61,7 @@ Deviations:
   Q / density, not of exp Q, so negative Q values give NaN); the term here is the CQL paper's, with n uniform
   and n policy actions per state. ``--cql-target-gap tau`` uses the CQL paper's Lagrangian form instead of a
   fixed weight.
+- ``--oracle-z`` is a diagnostic, not CORRO: z is the true task parameter, the SAC stage's ceiling (README).
 - Not implemented: the RNN encoder, the DQN/grid variant, ``gt`` and ``separate`` relabelling, the
   supervised-debug head. Continuous actions only.
 """
@@ -884,6 +885,7 @@ def main(args: Args):
     if step == 0:
         res = evaluate(step, nets, data, family, ds, behaviours, args, device, logger)
     train_rows = torch.arange(len(family.train_idx), device=device)
+    z_table = oracle_z(family, data["train"].task_ids, args.latent_dim, device)  # --oracle-z's z of each train task
     start_step, last = step, {}
     while step < args.total_steps:
         t0 = time.time()
@@ -896,9 +898,7 @@ def main(args: Args):
             ctx, mask = data["train"].episodes(tasks, gen)  # one context episode per sampled task (duplicates differ)
             if args.context_relabel > 0:  # deviation: some contexts are other tasks' episodes with this task's rewards
                 ctx, mask = relabel_contexts(ctx, mask, tasks, data["train"], family, args.context_relabel, gen)
-            z_task = oracle_z(family, data["train"].task_ids[tasks.cpu().numpy()], args.latent_dim, device) \
-                if args.oracle_z else None
-            stats = sac_update(nets, opts, batch, ctx, mask, args, gen, z_task)
+            stats = sac_update(nets, opts, batch, ctx, mask, args, gen, z_table[tasks] if args.oracle_z else None)
             step += 1
             if step % args.log_every == 0:
                 last = stats
