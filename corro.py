@@ -755,6 +755,7 @@ def variant_name(args: Args) -> str:
 
 # Flags a --resume may not change: they decide what the encoder and SAC stages learn (lengths and logging may change).
 RESUME_FIXED = ("n_negatives", "infonce_batch", "temperature", "reward_std", "relabel_queries", "encoder_hidden",
+                "normalize_inputs",
                 "meta_batch", "batch_size", "gamma", "tau", "alpha", "cql_weight", "cql_samples", "cql_target_gap",
                 "context_relabel", "rl_relabel", "oracle_z")
 
@@ -809,14 +810,6 @@ def main(args: Args):
             "act_dim": family.act_dim, "latent_dim": args.latent_dim, "hidden": args.hidden, "negatives": args.negatives}
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
-        # E1's statistics say whether the run standardised its inputs (checkpoints written before
-        # --normalize-inputs have none: the identity ones)
-        e1_state = {"obs_mean": nets["e1"].obs_mean, "obs_std": nets["e1"].obs_std} | state["nets"]["e1"]
-        state["nets"]["e1"] = e1_state
-        was_normalized = bool(e1_state["obs_mean"].any() or (e1_state["obs_std"] != 1).any())
-        if was_normalized != args.normalize_inputs:
-            raise ValueError(f"{ckpt_path}: incompatible checkpoint: built with normalize_inputs={was_normalized}, "
-                             f"this run has normalize_inputs={args.normalize_inputs}")
         # flags that change what the remaining stages learn must match the checkpoint's run (older checkpoints
         # predate some flags: they ran with the flag's default)
         base = Args()
@@ -824,6 +817,8 @@ def main(args: Args):
                for k in RESUME_FIXED if state["args"].get(k, getattr(base, k)) != getattr(args, k)]
         if bad:
             raise ValueError(f"{ckpt_path}: incompatible checkpoint: " + "; ".join(bad))
+        # checkpoints written before --normalize-inputs have no E1 statistics: the identity ones
+        state["nets"]["e1"] = {"obs_mean": nets["e1"].obs_mean, "obs_std": nets["e1"].obs_std} | state["nets"]["e1"]
         for k, n in nets.items():
             n.load_state_dict(state["nets"][k])
         for k, o in opts.items():
@@ -885,7 +880,7 @@ def main(args: Args):
     if step == 0:
         res = evaluate(step, nets, data, family, ds, behaviours, args, device, logger)
     train_rows = torch.arange(len(family.train_idx), device=device)
-    z_table = oracle_z(family, data["train"].task_ids, args.latent_dim, device)  # --oracle-z's z of each train task
+    z_table = oracle_z(family, data["train"].task_ids, args.latent_dim, device) if args.oracle_z else None  # per train task
     start_step, last = step, {}
     while step < args.total_steps:
         t0 = time.time()
@@ -898,7 +893,7 @@ def main(args: Args):
             ctx, mask = data["train"].episodes(tasks, gen)  # one context episode per sampled task (duplicates differ)
             if args.context_relabel > 0:  # deviation: some contexts are other tasks' episodes with this task's rewards
                 ctx, mask = relabel_contexts(ctx, mask, tasks, data["train"], family, args.context_relabel, gen)
-            stats = sac_update(nets, opts, batch, ctx, mask, args, gen, z_table[tasks] if args.oracle_z else None)
+            stats = sac_update(nets, opts, batch, ctx, mask, args, gen, None if z_table is None else z_table[tasks])
             step += 1
             if step % args.log_every == 0:
                 last = stats

@@ -17,7 +17,6 @@ benchmark/corro_goal_readability.csv.
 
     python benchmark/corro_goal_readability.py --run runs/PointRobot__corro__s1__...
 """
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,12 @@ from common.runs import append_csv_rows
 
 def mlp(i, o, hidden):
     return nn.Sequential(nn.Linear(i, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, o))
+
+
+def goal_arc(n: int = 1441):
+    """Candidate goals for ``exact_fit``: n points on the default preset's goal arc, the unit upper semicircle."""
+    angle = torch.linspace(0, np.pi, n)
+    return torch.stack([angle.cos(), angle.sin()], 1)
 
 
 def exact_fit(batch, mask, goals):
@@ -61,18 +66,18 @@ def main(run: str | None = None, updates: int = 15_000, episodes: int = 20,
     g_train = torch.as_tensor(fam.tasks[fam.train_idx], dtype=torch.float32)
     err = lambda pred: round(float((pred - g_test).norm(dim=-1).mean()), 4)
     raw = lambda b: corro.transition_features(b["obs"], b["actions"], b["rewards"], b["next_obs"])
-    arc = torch.linspace(0, np.pi, 1441)
+    arc = goal_arc()
     rows = [{"env": fam.env_id, "reader": "exact", "run": "", "updates": 0,
-             **{f"goal_err_{k}": err(exact_fit(b, m, torch.stack([arc.cos(), arc.sin()], 1))) for k, (b, m) in contexts.items()},
+             **{f"goal_err_{k}": err(exact_fit(b, m, arc)) for k, (b, m) in contexts.items()},
              "train_mse": 0.0, "seconds": 0.0}]
     print(rows[0], flush=True)
 
     readers = {"per_transition": (raw, 7, "mean_out"), "set_raw": (raw, 7, "set")}
     if run is not None:
-        a = json.loads((Path(run) / "args.json").read_text())
-        args = corro.resolve_args(corro.Args(**{k: v for k, v in a.items() if k in corro.Args.__dataclass_fields__}))
+        state = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
+        args = corro.resolve_args(corro.Args(**{k: v for k, v in state["args"].items() if k in corro.Args.__dataclass_fields__}))
         nets, _ = corro.make_nets(fam.obs_dim, fam.act_dim, args, "cpu")
-        nets["e1"].load_state_dict(torch.load(Path(run) / "checkpoint.pt", weights_only=False)["nets"]["e1"])
+        nets["e1"].load_state_dict(state["nets"]["e1"])
         readers["set_on_e1"] = (lambda b: nets["e1"](raw(b)).detach(), args.latent_dim, "set")
     for name, (feat, in_dim, kind) in readers.items():
         torch.manual_seed(seed)

@@ -220,9 +220,8 @@ def test_goal_readability_exact_fit_recovers_the_goal_from_one_random_episode():
     rng = np.random.RandomState(0)
     act = lambda obs: rng.uniform(-1, 1, (len(obs), 2)).astype(np.float32)
     batch, mask = corro.collect_context(fam, fam.test_idx, 2, act, "cpu", 0)
-    arc = torch.linspace(0, np.pi, 1441)
     goals = torch.as_tensor(fam.tasks[fam.test_idx], dtype=torch.float32).repeat_interleave(2, 0)
-    fit = cgr.exact_fit(batch, mask, torch.stack([arc.cos(), arc.sin()], 1))
+    fit = cgr.exact_fit(batch, mask, cgr.goal_arc())
     assert (fit - goals).norm(dim=-1).max() < 0.005
     batch["rewards"] = batch["rewards"].flip(0)  # another task's rewards point to another goal
-    assert (cgr.exact_fit(batch, mask, torch.stack([arc.cos(), arc.sin()], 1)) - goals).norm(dim=-1).max() > 0.5
+    assert (cgr.exact_fit(batch, mask, cgr.goal_arc()) - goals).norm(dim=-1).max() > 0.5
