@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import borel
 from common.data import load_dataset
 from common.envs import make_family
-from common.runs import append_csv_rows
+from common.runs import append_csv_rows, args_from_saved
 
 torch.set_num_threads(1)
 MOVES = np.array([[0, 0], [0, 1], [1, 0], [0, -1], [-1, 0]])  # stay, up, right, down, left (common/envs.py)
@@ -40,7 +40,7 @@ def load_vae(run):
     st = torch.load(f"{run}/checkpoint.pt", map_location="cpu", weights_only=False)
     if st["stage"] != "rl":
         raise SystemExit(f"{run}: its VAE stage has not finished (VAE step {st['vae_step']})")
-    args = borel.resolve_args(borel.Args(**{k: v for k, v in st["args"].items() if k in borel.Args.__dataclass_fields__}))
+    args = borel.resolve_args(args_from_saved(borel.Args, st["args"]))
     fam = make_family(args.env_id, args.preset)
     vae, _, _ = borel.make_nets(fam, args, fam.episodes_per_task, "cpu")
     vae.load_state_dict(st["vae"])

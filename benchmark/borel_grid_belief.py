@@ -12,10 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import borel
 from common.envs import make_family
+from common.runs import args_from_saved
 torch.set_num_threads(1)
 run = sys.argv[1]
 st = torch.load(f"{run}/checkpoint.pt", map_location="cpu", weights_only=False)
-args = borel.resolve_args(borel.Args(**{k: v for k, v in st["args"].items() if k in borel.Args.__dataclass_fields__}))
+args = borel.resolve_args(args_from_saved(borel.Args, st["args"]))
 fam = make_family(args.env_id, args.preset); k = fam.episodes_per_task; H = fam.horizon; n = fam.config["size"]
 vae, nets, _ = borel.make_nets(fam, args, k, "cpu")
 vae.load_state_dict(st["vae"])

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import corro
 from common.data import ensure_dataset
 from common.envs import make_family
-from common.runs import append_csv_rows
+from common.runs import append_csv_rows, args_from_saved
 
 
 def main(run: str, /, ks: tuple[int, ...] = (1, 3, 10, 30), draws: int = 10, n_train_tasks: int = 10, seed: int = 7,
@@ -23,7 +23,7 @@ def main(run: str, /, ks: tuple[int, ...] = (1, 3, 10, 30), draws: int = 10, n_t
     """run: a finished corro.py run directory; ks: episodes pooled per context; draws: contexts per task;
     n_train_tasks: first train tasks evaluated beside the test tasks."""
     state = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
-    args = corro.resolve_args(corro.Args(**{k: v for k, v in state["args"].items() if k in corro.Args.__dataclass_fields__}))
+    args = corro.resolve_args(args_from_saved(corro.Args, state["args"]))
     fam = make_family(args.env_id, args.preset)
     ds = ensure_dataset(args.env_id, args.preset, family=fam)
     nets, _ = corro.make_nets(fam.obs_dim, fam.act_dim, args, "cpu")

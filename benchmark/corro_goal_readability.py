@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import corro
 from common.data import ensure_dataset
 from common.envs import make_family
-from common.runs import append_csv_rows
+from common.runs import append_csv_rows, args_from_saved
 
 
 def mlp(i, o, hidden):
@@ -75,7 +75,7 @@ def main(run: str | None = None, updates: int = 15_000, episodes: int = 20,
     readers = {"per_transition": (raw, 7, "mean_out"), "set_raw": (raw, 7, "set")}
     if run is not None:
         state = torch.load(Path(run) / "checkpoint.pt", weights_only=False)
-        args = corro.resolve_args(corro.Args(**{k: v for k, v in state["args"].items() if k in corro.Args.__dataclass_fields__}))
+        args = corro.resolve_args(args_from_saved(corro.Args, state["args"]))
         nets, _ = corro.make_nets(fam.obs_dim, fam.act_dim, args, "cpu")
         nets["e1"].load_state_dict(state["nets"]["e1"])
         readers["set_on_e1"] = (lambda b: nets["e1"](raw(b)).detach(), args.latent_dim, "set")

@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ldm  # noqa: E402
 from common.data import ensure_dataset  # noqa: E402
 from common.envs import make_family  # noqa: E402
-from common.runs import append_csv_rows  # noqa: E402
+from common.runs import append_csv_rows, args_from_saved  # noqa: E402
 
 
 @torch.no_grad()
 def probe(run_dir: str) -> dict:
     state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    args = ldm.resolve_args(ldm.Args(**{k: v for k, v in state["args"].items() if k in ldm.Args.__dataclass_fields__}))
+    args = ldm.resolve_args(args_from_saved(ldm.Args, state["args"]))
     fam = make_family(args.env_id, args.preset)
     if fam.env_id != "GridNavi" or not args.n_mix:
         raise SystemExit(f"{run_dir}: this probe is for GridNavi runs with imaginary tasks (n_mix > 0), not "

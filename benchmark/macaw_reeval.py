@@ -24,15 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import macaw  # noqa: E402
 from common.envs import make_family  # noqa: E402
-from common.runs import append_csv_rows, load_checkpoint  # noqa: E402
+from common.runs import append_csv_rows, args_from_saved, load_checkpoint  # noqa: E402
 
 
 def reevaluate(run_dir, draws: int, chunk: int, seed: int, first_seed: int | None = None) -> dict:
     """``first_seed``: the evaluation seed of the first chunk (default: far from the run's own seeds,
     10_000 * seed + step); chunk k uses ``first_seed + 2 k``."""
     state = load_checkpoint(Path(run_dir) / "checkpoint.pt", expect={"method": "macaw"})
-    fields = {f.name for f in dataclasses.fields(macaw.Args)}
-    args = macaw.resolve_args(macaw.Args(**{k: v for k, v in state["args"].items() if k in fields}))
+    args = macaw.resolve_args(args_from_saved(macaw.Args, state["args"]))
     if draws % chunk:
         raise SystemExit(f"--draws {draws} is not a multiple of --chunk {chunk}")
     fam = make_family(args.env_id, args.preset)

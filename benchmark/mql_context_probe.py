@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mql  # noqa: E402
 from common.data import default_dataset_path, load_dataset  # noqa: E402
 from common.envs import make_family, relabel_rewards  # noqa: E402
+from common.runs import args_from_saved  # noqa: E402
 
 
 def cosine(a, d):
@@ -33,7 +34,7 @@ def cosine(a, d):
 
 def probe(run_dir: Path, episodes: int = 20, seed: int = 0) -> dict:
     args_d = json.loads((run_dir / "args.json").read_text())
-    args = mql.resolve_args(mql.Args(**{k: v for k, v in args_d.items() if k in mql.Args.__dataclass_fields__}))
+    args = mql.resolve_args(args_from_saved(mql.Args, args_d))
     family = make_family(args.env_id, args.preset)
     ds = load_dataset(args_d.get("dataset") or default_dataset_path(args.env_id, args.preset), args.env_id, args.preset)
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)

@@ -29,14 +29,14 @@ import pearl  # noqa: E402
 from common.data import load_dataset  # noqa: E402
 from common.envs import make_family, relabel_rewards  # noqa: E402
 from common.evaluation import run_episodes  # noqa: E402
+from common.runs import args_from_saved  # noqa: E402
 
 SOURCES = ("own data", "own random eps", "own last 50 eps", "other tasks")
 
 
 def probe(run_dir: Path, n: int = 64, draws: int = 3) -> dict:
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    fields = pearl.Args.__dataclass_fields__
-    args = pearl.resolve_args(pearl.Args(**{k: v for k, v in state["args"].items() if k in fields}))
+    args = pearl.resolve_args(args_from_saved(pearl.Args, state["args"]))
     fam = make_family(args.env_id, args.preset)
     ds = load_dataset(Path(json.loads((run_dir / "summary.json").read_text())["dataset"]), args.env_id, args.preset)
     nets, _ = pearl.make_nets(fam.obs_dim, fam.act_dim, args, "cpu")

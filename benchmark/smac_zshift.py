@@ -24,7 +24,7 @@ import smac  # noqa: E402
 from common.data import ensure_dataset, sample_context  # noqa: E402
 from common.envs import make_family  # noqa: E402
 from common.evaluation import run_episodes  # noqa: E402
-from common.runs import append_csv_rows  # noqa: E402
+from common.runs import append_csv_rows, args_from_saved  # noqa: E402
 
 
 def main(argv=None):
@@ -34,8 +34,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     state = torch.load(Path(a.run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    fields = smac.Args.__dataclass_fields__
-    args = smac.resolve_args(smac.Args(**{k: v for k, v in state["args"].items() if k in fields}))
+    args = smac.resolve_args(args_from_saved(smac.Args, state["args"]))
     fam = make_family(args.env_id, args.preset)
     ds = ensure_dataset(args.env_id, args.preset, path=args.dataset, family=fam)
     nets, _ = smac.make_nets(fam.obs_dim, fam.act_dim, args, "cpu")

@@ -23,6 +23,7 @@ when tensorboard is installed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -131,6 +132,15 @@ def load_checkpoint(path: str | os.PathLike, expect: dict | None = None, map_loc
         raise ValueError(f"{path}: incompatible checkpoint: " + "; ".join(bad))
     return state
 
+
+
+def args_from_saved(args_cls, saved: dict):
+    """A script's ``Args`` dataclass filled from a run's saved settings (checkpoint ``args`` or args.json).
+
+    Keys the dataclass no longer has are dropped, so runs saved by older versions still load; fields the run did
+    not save keep their defaults. The caller applies its script's ``resolve_args``."""
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return args_cls(**{k: v for k, v in saved.items() if k in names})
 
 # ---------------------------------------------------------------------------------------------
 # Logging

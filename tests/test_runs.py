@@ -171,3 +171,16 @@ def test_append_csv_rows_appends_under_its_header_and_refuses_other_columns(tmp_
     with pytest.raises(ValueError, match="columns"):
         runs.append_csv_rows(path, [{"ret": -3.0, "seed": 3}])
     assert path.read_text() == before
+
+
+def test_args_from_saved_drops_retired_keys_and_keeps_defaults_of_unsaved_ones():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Args:
+        seed: int = 1
+        lr: float = 3e-4
+        depth: int = 2
+
+    got = runs.args_from_saved(Args, {"seed": 7, "lr": 1e-3, "retired_flag": True})
+    assert got == Args(seed=7, lr=1e-3, depth=2)
