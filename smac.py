@@ -51,6 +51,10 @@ Deviations:
   by default) draws each relabelled context from one random train task's rows instead of the whole pool, so a
   training context looks like one exploration trajectory scored with this task's rewards (what Phase 2 and the
   online protocol feed the encoder).
+- ``--decoder-batch relabelled`` (not official, off by default): RL batches and contexts stay as they are, but the
+  reward decoder reconstructs a second batch drawn from all train tasks' rows carrying this task's rewards. On the task's own rows the decoder can predict r from s alone, so z needs to say little; on the pooled
+  rows it must say where the goal is, and the encoder (still free to read states and rewards of its own-task
+  context) learns to. The actor-critic still sees only the task's own data.
 - The target action a' is drawn with the same zbar as the target Q (the official agent draws a second
   posterior sample for it; the spec calls this harmless).
 - Vectorised: the meta-batch in one (T, B, .) tensor, Q1/Q2 as one 2-member batched network (one optimiser
@@ -158,6 +162,9 @@ class Args:
     """all: every train task's buffer holds all train tasks' offline rows with its own rewards (the official,
     unused ``relabel_offline_dataset``); context: only its context buffer does (RL batches stay its own rows);
     numpy families only"""
+    decoder_batch: Literal["own", "relabelled"] = "own"
+    """rows the reward decoder reconstructs in Phase 1: own = the RL batch (official); relabelled (not official) =
+    a separate batch of all train tasks' offline rows carrying the task's rewards; numpy families only"""
     relabel_context_source: Literal["pool", "task"] = "pool"
     """--relabel-offline all/context: a context's relabelled rows come from all train tasks' rows (pool, the
     official buffer) or all from one random train task's rows (task: like one test-time exploration trajectory)"""
@@ -215,7 +222,7 @@ def resolve_args(args: Args) -> Args:
         filled["context_buffer"] = "separate" if args.relabel_offline == "context" else "shared"
     elif args.relabel_offline == "context" and args.context_buffer == "shared":
         raise SystemExit("--relabel-offline context needs --context-buffer separate (RL and context rows differ)")
-    if args.relabel_context_source == "task" and args.relabel_offline == "off":
+    if args.relabel_context_source == "task" and args.relabel_offline not in ("all", "context"):
         raise SystemExit("--relabel-context-source task needs --relabel-offline all or context")
     return dataclasses.replace(args, env_id=env, preset=args.preset or default_preset(env), **filled)
 
@@ -482,12 +489,12 @@ def offline_data(ds, family, args, device):
         rows = torch.arange(len(n), device=device)[:, None]
         data, counts = {k: v[rows, idx] for k, v in data.items()}, n
     relabel = None
-    if args.relabel_offline != "off":
+    if args.relabel_offline != "off" or args.decoder_batch == "relabelled":
         try:
             r, _ = relabel_rewards(family, family.train_idx[:, None, None], data["obs"].cpu().numpy()[None],
                                    data["actions"].cpu().numpy()[None], data["next_obs"].cpu().numpy()[None])
         except NotImplementedError as e:
-            raise SystemExit(f"--relabel-offline: {e}") from None
+            raise SystemExit(f"--relabel-offline / --decoder-batch relabelled: {e}") from None
         relabel = torch.as_tensor(r, dtype=torch.float32, device=device)
     return data, counts, relabel
 
@@ -497,9 +504,10 @@ def offline_data(ds, family, args, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def smac_update(nets, opts, batch, context, args, online: bool, generator=None):
+def smac_update(nets, opts, batch, context, args, online: bool, generator=None, dec_batch=None):
     """batch: dict of (T, B, .) tensors; context (T, N, 3+). Phase 1 (online=False) trains encoder + decoder,
-    critics and actor; Phase 2 freezes encoder + decoder and adds the reparameterised term to the actor loss."""
+    critics and actor; Phase 2 freezes encoder + decoder and adds the reparameterised term to the actor loss.
+    dec_batch (--decoder-batch relabelled): the rows the reward decoder reconstructs, in place of the RL batch."""
     encoder, decoder, qf, target_qf, policy = (nets[k] for k in ("encoder", "decoder", "qf", "target_qf", "policy"))
     obs, act, nobs = batch["obs"], batch["actions"], batch["next_obs"]
     rew, done = batch["rewards"][..., None], batch["terminals"][..., None]
@@ -513,10 +521,11 @@ def smac_update(nets, opts, batch, context, args, online: bool, generator=None):
         z = sample_z(mu, var, generator)
         z_b = z[:, None].expand(T, B, z.shape[-1])
         if not online:
-            r_pred = decoder(torch.cat([obs, act, z_b], -1))
+            d = batch if dec_batch is None else dec_batch
+            r_pred = decoder(torch.cat([d["obs"], d["actions"], z[:, None].expand(T, d["obs"].shape[1], z.shape[-1])], -1))
     loss = torch.zeros((), device=obs.device)
     if not online:
-        loss_rew, mse, kl = reward_decoder_loss(r_pred, rew, mu, var, args.kl_lambda)
+        loss_rew, mse, kl = reward_decoder_loss(r_pred, d["rewards"][..., None], mu, var, args.kl_lambda)
         loss = loss + loss_rew
         stats |= {"loss/reward_mse": mse.detach(), "loss/kl": kl.detach()}
     zbar = z_b.detach()
@@ -697,6 +706,7 @@ def collect(nets, family, rows, n_steps, posterior, ctx_buf, args, device, gen, 
 def variant_name(args: Args) -> str:
     relabel = {"off": "", "all": "-relabel", "context": "-relabelctx"}[args.relabel_offline]
     relabel += "-task" if relabel and args.relabel_context_source == "task" else ""
+    relabel += "-relabeldec" if args.decoder_batch == "relabelled" else ""
     beta = "" if args.beta == 100.0 else f"-beta{args.beta:g}"  # the official temperature is 100 on every env
     return ("smac" + relabel + ("-tail" if args.data_tail > 0 else "") + ("-oracle" if args.oracle_rewards else "")
             + beta)
@@ -718,7 +728,9 @@ def main(args: Args):
     ds = ensure_dataset(args.env_id, args.preset, path=args.dataset, family=family)
     data, counts, relabel = offline_data(ds, family, args, device)
     rl_buf = TaskData(data, counts, relabel if args.relabel_offline == "all" else None)
-    ctx_buf = rl_buf if args.context_buffer == "shared" else TaskData(data, counts, relabel)
+    dec_buf = TaskData(data, counts, relabel) if args.decoder_batch == "relabelled" else None
+    ctx_buf = rl_buf if args.context_buffer == "shared" else \
+        TaskData(data, counts, relabel if args.relabel_offline in ("all", "context") else None)
     train_rows = torch.arange(len(family.train_idx), device=device)
     nets, opts = make_nets(family.obs_dim, family.act_dim, args, device)
 
@@ -728,7 +740,7 @@ def main(args: Args):
     meta = {"method": "smac", "env_id": args.env_id, "preset": args.preset, "seed": args.seed,
             "obs_dim": family.obs_dim, "act_dim": family.act_dim, "net_size": args.net_size,
             "encoder_size": args.encoder_size, "decoder_size": args.decoder_size, "latent_dim": args.latent_dim,
-            "data_tail": args.data_tail, "relabel_offline": args.relabel_offline}
+            "data_tail": args.data_tail, "relabel_offline": args.relabel_offline, "decoder_batch": args.decoder_batch}
     # (Phase-2-only flags such as --oracle-rewards are left out: a Phase-1 checkpoint may start either Phase 2)
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
@@ -781,7 +793,8 @@ def main(args: Args):
             tasks = train_rows[torch.randint(len(train_rows), (args.meta_batch,), device=device, generator=gen)]
             batch = rl_buf.sample(tasks, batch_size, gen)
             context = context_tensor(ctx_buf.sample(tasks, args.context_size, gen, one_source=one_src))
-            stats = smac_update(nets, opts, batch, context, args, online, gen)
+            dec = None if online or dec_buf is None else dec_buf.sample(tasks, batch_size, gen, offline_only=True)
+            stats = smac_update(nets, opts, batch, context, args, online, gen, dec)
             step += 1
             if step % args.log_every == 0:
                 last = {k: float(v) for k, v in stats.items()}

@@ -139,6 +139,16 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "rewards (the official, unused relabel_offline_dataset), AWR beta 1 (100 imitates the other tasks' "
                 "actions) and KL 0.01; ~30 min per seed on one shared core",
     },
+    ("smac-relabeldec", "PointRobot"): {
+        "script": "smac",
+        "preset": "default",
+        "args": ["--decoder-batch", "relabelled", "--eval-every", "1000", "--online-iterations", "10",
+                 "--online-updates", "500", "--online-eval-every", "5", "--no-cuda"],
+        "steps": 10_000,
+        "note": "as smac/PointRobot with the reward decoder reconstructing a second batch of all train tasks' rows "
+                "relabelled with the task's rewards (RL batches and contexts stay the task's own rows); ~35 min per "
+                "seed on one shared core",
+    },
     ("mql", "PointRobot"): {
         "preset": "default",
         "args": ["--eval-every", "2500", "--adapt-every", "20000", "--no-cuda"],

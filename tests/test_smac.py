@@ -117,6 +117,30 @@ def test_encoder_gets_no_gradient_from_critic_and_actor_losses(monkeypatch):
     assert any(torch.any(g != 0) for g in grads["enc"])
 
 
+def test_relabel_offline_decoder_reconstructs_its_own_batch_and_leaves_the_rl_losses_alone(monkeypatch):
+    """--decoder-batch relabelled: the reward decoder's targets are dec_batch's rewards (a batch of a different
+    size here), while the critic and actor losses are those of the RL batch, exactly as without it."""
+    args = tiny_args(decoder_batch="relabelled")
+    torch.manual_seed(0)
+    nets, opts = smac.make_nets(2, 2, args, "cpu")
+    torch.manual_seed(0)
+    n2, o2 = smac.make_nets(2, 2, args, "cpu")
+    batch, context = _batch()
+    dec, _ = _batch(B=24, seed=1)
+    seen = []
+    real = smac.reward_decoder_loss
+    monkeypatch.setattr(smac, "reward_decoder_loss", lambda r_pred, r, *a: seen.append((r_pred, r)) or real(r_pred, r, *a))
+    with_dec = smac.smac_update(nets, opts, batch, context, args, False, torch.Generator().manual_seed(0), dec)
+    without = smac.smac_update(n2, o2, batch, context, args, False, torch.Generator().manual_seed(0))
+    assert seen[0][0].shape == (4, 24, 1) and torch.equal(seen[0][1], dec["rewards"][..., None])
+    assert seen[1][0].shape == (4, 16, 1) and torch.equal(seen[1][1], batch["rewards"][..., None])
+    for k in ("loss/q", "loss/policy", "q/mean"):
+        torch.testing.assert_close(with_dec[k], without[k])
+    assert smac.variant_name(args) == "smac-relabeldec"
+    assert smac.variant_name(tiny_args(decoder_batch="relabelled", relabel_offline="context",
+                                       relabel_context_source="task")) == "smac-relabelctx-task-relabeldec"
+
+
 def test_phase2_freezes_encoder_and_decoder_and_adds_the_reparameterised_actor_term():
     args = tiny_args()
     nets, opts = smac.make_nets(2, 2, args, "cpu")
@@ -198,6 +222,9 @@ def test_relabelled_buffers_hold_every_train_tasks_rows_with_this_tasks_rewards(
     ds = ensure_dataset("PointRobot", "default")
     data, counts, rel = smac.offline_data(ds, fam, tiny_args(relabel_offline="all"), "cpu")
     assert rel.shape == (len(fam.train_idx), len(fam.train_idx), data["obs"].shape[1])
+    # --decoder-batch relabelled needs the same table (for the decoder's batch only); the default builds none.
+    torch.testing.assert_close(smac.offline_data(ds, fam, tiny_args(decoder_batch="relabelled"), "cpu")[2], rel)
+    assert smac.offline_data(ds, fam, tiny_args(), "cpu")[2] is None
     buf = smac.TaskData(data, counts, rel)
     rows = torch.tensor([0, 5])
     s = buf.sample(rows, 4000, torch.Generator().manual_seed(1))
@@ -218,7 +245,7 @@ def test_relabelled_buffers_hold_every_train_tasks_rows_with_this_tasks_rewards(
     # Families whose reward needs simulator state (MuJoCo) are refused with a clear message.
     cheetah_like = copy.copy(fam)
     cheetah_like.env_id = "HalfCheetahVel"
-    with pytest.raises(SystemExit, match="--relabel-offline: reward relabelling is not available for HalfCheetahVel"):
+    with pytest.raises(SystemExit, match="--relabel-offline / --decoder-batch relabelled: reward relabelling is not available for HalfCheetahVel"):
         smac.offline_data(ds, cheetah_like, tiny_args(relabel_offline="all"), "cpu")
 
 
