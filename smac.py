@@ -760,7 +760,7 @@ def main(args: Args):
     logger = Logger(run_dir, {**vars(args), "run_dir": str(run_dir)})
     total = args.total_steps + args.online_iterations * args.online_updates
     print(f"SMAC on {args.env_id}/{args.preset}: {len(family.train_idx)} train / {len(family.test_idx)} test tasks, "
-          f"offline rows/task {int(rl_buf.offline_size(train_rows).min())}{' (relabelled union)' if relabel is not None else ''}, phase 1 {args.total_steps} steps, "
+          f"offline rows/task {int(rl_buf.offline_size(train_rows).min())}{' (relabelled union)' if args.relabel_offline == 'all' else ''}, phase 1 {args.total_steps} steps, "
           f"phase 2 {args.online_iterations} x {args.online_updates} steps, beta={args.beta}, rs={args.reward_scale}",
           flush=True)
 
