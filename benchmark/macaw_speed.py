@@ -18,7 +18,6 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import csv
-import math
 import sys
 import time
 from pathlib import Path
