@@ -51,10 +51,11 @@ Deviations:
   by default) draws each relabelled context from one random train task's rows instead of the whole pool, so a
   training context looks like one exploration trajectory scored with this task's rewards (what Phase 2 and the
   online protocol feed the encoder).
-- ``--decoder-batch relabelled`` (not official, off by default): RL batches and contexts stay as they are, but the
-  reward decoder reconstructs a second batch drawn from all train tasks' rows carrying this task's rewards. On the task's own rows the decoder can predict r from s alone, so z needs to say little; on the pooled
-  rows it must say where the goal is, and the encoder (still free to read states and rewards of its own-task
-  context) learns to. The actor-critic still sees only the task's own data.
+- ``--decoder-batch relabelled`` (not official, off by default): RL batches and contexts stay as they are, but
+  the reward decoder reconstructs a second batch drawn from all train tasks' offline rows carrying this task's
+  rewards. On the task's own rows the decoder can predict r from s alone, so z needs to say little; on the pooled
+  rows it must say where the goal is, and the encoder (still free to read the states and rewards of its
+  context) learns to. The actor-critic's batches are unchanged.
 - The target action a' is drawn with the same zbar as the target Q (the official agent draws a second
   posterior sample for it; the spec calls this harmless).
 - Vectorised: the meta-batch in one (T, B, .) tensor, Q1/Q2 as one 2-member batched network (one optimiser
