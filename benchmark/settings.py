@@ -149,6 +149,17 @@ SETTINGS: dict[tuple[str, str], dict] = {
                 "relabelled with the task's rewards (RL batches and contexts stay the task's own rows); ~35 min per "
                 "seed on one shared core",
     },
+    ("smac-relabelctx-task-relabeldec", "PointRobot"): {
+        "script": "smac",
+        "preset": "default",
+        "args": ["--relabel-offline", "context", "--relabel-context-source", "task", "--decoder-batch", "relabelled",
+                 "--eval-every", "1000", "--online-iterations", "10", "--online-updates", "500",
+                 "--online-eval-every", "5", "--no-cuda"],
+        "steps": 10_000,
+        "note": "as smac-relabeldec/PointRobot with each training context drawn from one random train task's rows "
+                "relabelled with the task's rewards (like one exploration episode), so the encoder must read rewards; "
+                "~60 min per seed with three runs sharing the CPU",
+    },
     ("mql", "PointRobot"): {
         "preset": "default",
         "args": ["--eval-every", "2500", "--adapt-every", "20000", "--no-cuda"],
