@@ -146,8 +146,8 @@ SETTINGS: dict[tuple[str, str], dict] = {
                  "--online-updates", "500", "--online-eval-every", "5", "--no-cuda"],
         "steps": 10_000,
         "note": "as smac/PointRobot with the reward decoder reconstructing a second batch of all train tasks' rows "
-                "relabelled with the task's rewards (RL batches and contexts stay the task's own rows); ~35 min per "
-                "seed on one shared core",
+                "relabelled with the task's rewards (RL batches and contexts stay the task's own rows); 59 min per "
+                "seed with four to six runs sharing the 2-core CPU",
     },
     ("smac-relabelctx-task-relabeldec", "PointRobot"): {
         "script": "smac",
@@ -158,7 +158,7 @@ SETTINGS: dict[tuple[str, str], dict] = {
         "steps": 10_000,
         "note": "as smac-relabeldec/PointRobot with each training context drawn from one random train task's rows "
                 "relabelled with the task's rewards (like one exploration episode), so the encoder must read rewards; "
-                "~60 min per seed with three runs sharing the CPU",
+                "41-48 min per seed with three to six runs sharing the 2-core CPU",
     },
     ("mql", "PointRobot"): {
         "preset": "default",

@@ -117,7 +117,7 @@ def test_encoder_gets_no_gradient_from_critic_and_actor_losses(monkeypatch):
     assert any(torch.any(g != 0) for g in grads["enc"])
 
 
-def test_relabel_offline_decoder_reconstructs_its_own_batch_and_leaves_the_rl_losses_alone(monkeypatch):
+def test_decoder_batch_relabelled_reconstructs_its_own_batch_and_leaves_the_rl_losses_alone(monkeypatch):
     """--decoder-batch relabelled: the reward decoder's targets are dec_batch's rewards (a batch of a different
     size here), while the critic and actor losses are those of the RL batch, exactly as without it."""
     args = tiny_args(decoder_batch="relabelled")
