@@ -744,7 +744,8 @@ def main(args: Args):
             "data_tail": args.data_tail, "relabel_offline": args.relabel_offline, "decoder_batch": args.decoder_batch}
     # (Phase-2-only flags such as --oracle-rewards are left out: a Phase-1 checkpoint may start either Phase 2)
     if args.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, expect=meta, map_location=device)
+        # checkpoints from before --decoder-batch ran with the official decoder batch
+        state = load_checkpoint(ckpt_path, expect=meta, map_location=device, predates={"decoder_batch": "own"})
         for k, n in nets.items():
             n.load_state_dict(state["nets"][k])
         for k, o in opts.items():

@@ -110,9 +110,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | os.PathLike, expect: dict | None = None, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, expect: dict | None = None, map_location="cpu",
+                    predates: dict | None = None) -> dict:
     """Load a checkpoint written by ``save_checkpoint`` and check ``state["meta"][k] == expect[k]``.
 
+    ``predates``: meta keys added after some checkpoints were written, with the value those checkpoints ran with
+    (the flag's default); a checkpoint whose meta lacks such a key is checked against that value.
     Raises FileNotFoundError (missing), ValueError "corrupt or truncated checkpoint" (unreadable) and
     ValueError "incompatible checkpoint: built for env_id=X, this run has env_id=Y; ..." naming every
     mismatching key."""
@@ -126,8 +129,9 @@ def load_checkpoint(path: str | os.PathLike, expect: dict | None = None, map_loc
         raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or not isinstance(state.get("meta"), dict):
         raise ValueError(f"{path}: corrupt or truncated checkpoint (no 'meta' dict; not written by save_checkpoint)")
-    bad = [f"built for {k}={state['meta'].get(k)!r}, this run has {k}={v!r}"
-           for k, v in (expect or {}).items() if state["meta"].get(k) != v]
+    stored = (predates or {}) | state["meta"]
+    bad = [f"built for {k}={stored.get(k)!r}, this run has {k}={v!r}"
+           for k, v in (expect or {}).items() if stored.get(k) != v]
     if bad:
         raise ValueError(f"{path}: incompatible checkpoint: " + "; ".join(bad))
     return state

@@ -124,6 +124,12 @@ def test_checkpoint_round_trip_and_named_errors(tmp_path):
     assert "incompatible checkpoint" in msg and "method" not in msg
     assert "built for env_id='PointRobot', this run has env_id='GridNavi'" in msg
     assert "built for preset='default', this run has preset='borel'" in msg
+    # a meta key added after the checkpoint was written is checked against the value it then ran with
+    assert runs.load_checkpoint(path, {"env_id": "PointRobot", "new_flag": "off"}, predates={"new_flag": "off"})["step"] == 7
+    with pytest.raises(ValueError, match="built for new_flag='off', this run has new_flag='on'"):
+        runs.load_checkpoint(path, {"new_flag": "on"}, predates={"new_flag": "off"})
+    with pytest.raises(ValueError, match="built for new_flag=None"):  # without predates: refused, as before
+        runs.load_checkpoint(path, {"new_flag": "off"})
 
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import smac
+from common import runs
 from common.data import ensure_dataset
 from common.envs import make_family
 
@@ -338,6 +339,22 @@ def test_a_shared_buffer_checkpoint_resumes_with_a_separate_context_buffer(tmp_p
     assert int(state["ctx_buf"]["new_counts"].sum()) == 200 + 80
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["extra"]["online_iterations"] == 2 and summary["extra"]["reward_free_env_steps"] == 400
+
+
+def test_a_checkpoint_from_before_decoder_batch_resumes_as_the_official_batch_only(tmp_path):
+    """A checkpoint whose meta predates --decoder-batch ran with the RL batch as the decoder's: it resumes with the
+    default and is refused with --decoder-batch relabelled."""
+    kw = dict(net_size=16, encoder_size=16, decoder_size=8, cuda=False, eval_every=10, online_iterations=0,
+              print_every=1000, log_every=10, eval_context_draws=1, num_evals=1, run_dir=str(tmp_path / "r"))
+    smac.main(smac.Args(total_steps=10, **kw))
+    path = tmp_path / "r" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["meta"]["decoder_batch"]
+    runs.save_checkpoint(path, state)
+    with pytest.raises(ValueError, match="built for decoder_batch='own', this run has decoder_batch='relabelled'"):
+        smac.main(smac.Args(total_steps=20, resume=True, decoder_batch="relabelled", **kw))
+    smac.main(smac.Args(total_steps=20, resume=True, **kw))
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["total_steps"] == 20
 
 
 def test_discrete_families_are_refused_and_variant_names(tmp_path):
